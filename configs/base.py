@@ -1,0 +1,127 @@
+"""The base config: every key the codebase reads, with its default.
+
+Experiment configs start from `get_base_config()` and change only what they study.
+A key that is not defined here cannot be set from the command line (configs are
+locked), so `--config.optim.lrr=1` is an error that names the key.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "fashion_mnist_idx"  # see diffusion.data.make_source
+    c.data.data_dir = ""                  # "" = the source's default location
+    c.data.split = "train"
+    c.data.image_size = 0                 # 0 = the dataset's own size
+    c.data.random_flip = False
+    c.data.global_batch_size = 128
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "unet"                 # unet | dit
+    c.model.dtype = "float32"             # activations: float32 | bfloat16
+    c.model.remat = False
+    c.model.unet = ml_collections.ConfigDict(dict(
+        ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,), num_heads=4,
+        dropout=0.1, scale_shift_norm=False, resblock_updown=False))
+    # DiT: a named variant ("S/2" ... "XL/8"); non-zero sizes override the variant's.
+    c.model.dit = ml_collections.ConfigDict(dict(variant="S/2", hidden_size=0, depth=0,
+                                                 num_heads=0))
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.schedule = "linear"       # linear | cosine | scaled_linear | sigmoid
+    c.diffusion.T = 1000
+    c.diffusion.zero_terminal_snr = False
+    c.diffusion.pred_type = "eps"         # eps | x0 | v
+    c.diffusion.weighting = "simple"      # simple | snr | min_snr | truncated_snr
+    c.diffusion.min_snr_gamma = 5.0
+    c.diffusion.time_sampling = "uniform"  # uniform | antithetic | low_discrepancy
+    c.diffusion.discrete_time = True
+    c.diffusion.learned_sigma = False
+    c.diffusion.vlb_weight = 0.001
+
+    c.conditioning = ml_collections.ConfigDict()
+    c.conditioning.num_classes = 0        # 0 = unconditional
+    c.conditioning.label_dropout = 0.1    # p(label -> null) in training, for CFG
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-4
+    c.optim.warmup_steps = 500
+    c.optim.decay = "constant"            # constant | cosine | linear (after warm-up)
+    c.optim.end_lr_factor = 0.1           # final lr = lr * this, for cosine / linear
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 1.0               # global-norm clip; 0 = off
+
+    c.ema = ml_collections.ConfigDict()
+    c.ema.decay = 0.9999
+    c.ema.warmup = True                   # decay_k = min(decay, (1 + k) / (10 + k))
+
+    c.train = ml_collections.ConfigDict()
+    c.train.objective = "diffusion"      # see diffusion.train.objectives
+    c.train.num_steps = 10000
+    c.train.log_every = 50
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 3
+    c.train.sample_every = 2000           # 0 = never during training
+    c.train.eval_every = 0                # 0 = never during training
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.sampler = "ddim"
+    c.sample.num_steps = 50
+    c.sample.num_samples = 64
+    c.sample.batch_size = 256             # per sampling call, across all devices
+    c.sample.eta = 0.0
+    c.sample.spacing = "trailing"
+    c.sample.variance = "small"           # DDPM: small | large | learned
+    c.sample.guidance_scale = 1.0         # classifier-free guidance w (class models)
+    c.sample.clip_x0 = 1.0                # 0 = no clipping
+    c.sample.seed = 0
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_samples = 1000
+    c.eval.sampler = "ddim"
+    c.eval.num_steps = 50
+    c.eval.feature_net = "classifier"     # classifier | inception
+    c.eval.feature_weights = ""           # "" = the shipped Fashion-MNIST classifier
+    c.eval.reference_split = "test"
+    return c
+
+
+def is_tiny(arg: str | None) -> bool:
+    """Config args: "" (full run) or "runlocal" (tiny, for tests and smoke runs)."""
+    if arg in (None, ""):
+        return False
+    if arg == "runlocal":
+        return True
+    raise ValueError(f"unknown config argument {arg!r}; use '' or 'runlocal'")
+
+
+def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks any config to a few seconds of CPU: synthetic data, a tiny network."""
+    c.data.source = "synthetic"
+    c.data.image_size = 8
+    c.data.global_batch_size = 8
+    c.model.unet.ch = 16
+    c.model.unet.ch_mult = (1, 2)
+    c.model.unet.num_res_blocks = 1
+    c.model.unet.attn_resolutions = (4,)
+    c.model.unet.num_heads = 1
+    c.model.dit.update(variant="S/2", hidden_size=32, depth=2, num_heads=2)
+    c.diffusion.T = 100
+    c.optim.warmup_steps = 2
+    c.train.num_steps = 4
+    c.train.log_every = 2
+    c.train.checkpoint_every = 2
+    c.train.sample_every = 4
+    c.sample.num_steps = 4
+    c.sample.num_samples = 8
+    c.eval.num_samples = 16
+    c.eval.num_steps = 4
+    return c

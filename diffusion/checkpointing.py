@@ -1,0 +1,213 @@
+"""Checkpoints of the training state: one small class over orbax-checkpoint.
+
+A checkpoint holds two items: `state`, a pytree of jax arrays (the TrainState:
+step, params, opt_state, EMA params, rng), and `extra`, a JSON dict (data position,
+resolved config). `Checkpointer` saves asynchronously, keeps the last K steps, and
+restores arrays straight into the shardings of an abstract target, so a resumed run
+never materialises the state on one device first.
+
+What counts as a checkpoint. Orbax writes a step into `<step>.orbax-checkpoint-tmp`
+and renames it to `<step>` when done (on GCS it writes into `<step>` and adds the
+commit file last); in both modes the finished directory holds `commit_success.txt`.
+Orbax itself only refuses the tmp name: it lists a `<step>` directory without the
+commit file as a checkpoint, and while an async save is running its `latest_step()`
+already reports the step being written. So this module trusts a step only when
+orbax lists it *and* its commit file exists. Untrusted directories are never
+restored; before the first save they are moved aside (`<step>.incomplete`) so that
+a resumed run can write that step number again.
+
+Typed PRNG keys (`jax.random.key`) are stored as their raw `key_data` (uint32) and
+wrapped back on restore, so the checkpoint format does not depend on how a given
+orbax version treats key dtypes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from etils import epath
+
+# Orbax's names for the tmp-directory suffix and the commit file
+# (orbax/checkpoint/_src/path/atomicity_types.py); the tests check they still match.
+TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
+COMMIT_FILE = "commit_success.txt"
+INCOMPLETE_SUFFIX = ".incomplete"
+
+_STATE, _EXTRA = "state", "extra"
+
+
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def _keys_to_data(state: Any) -> Any:
+    """Replaces typed-key leaves by their uint32 key data."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+
+
+def _abstract_for_storage(abstract_state: Any) -> Any:
+    """The restore target as stored: key leaves become uint32 key data, same sharding."""
+
+    def check(path, x):
+        if not isinstance(x, jax.ShapeDtypeStruct):
+            raise TypeError(
+                f"restore target leaf {jax.tree_util.keystr(path)} is {type(x).__name__}, "
+                "expected jax.ShapeDtypeStruct (use jax.eval_shape and attach shardings)")
+        if x.sharding is None:
+            raise ValueError(
+                f"restore target leaf {jax.tree_util.keystr(path)} has no sharding; "
+                "give every ShapeDtypeStruct the sharding it should be restored to")
+        if not _is_key(x):
+            return x
+        data = jax.eval_shape(jax.random.key_data, x)
+        # A PartitionSpec shorter than the rank leaves trailing dims unsharded, so the
+        # key's sharding is valid for its data, which only adds trailing dims.
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+
+    return jax.tree_util.tree_map_with_path(check, abstract_state)
+
+
+def _data_to_keys(restored: Any, abstract_state: Any) -> Any:
+    """Wraps uint32 key data back into typed keys where the target has key leaves."""
+
+    def wrap(x, target):
+        if not _is_key(target):
+            return x
+        # A scalar key of the target dtype is the public way to learn its impl.
+        impl = jax.random.key_impl(jnp.zeros((), target.dtype))
+        return jax.random.wrap_key_data(x, impl=impl)
+
+    return jax.tree.map(wrap, restored, abstract_state)
+
+
+class Checkpointer:
+    """Saves and restores (state, extra) under `directory`, keeping the last K steps.
+
+    All processes of a multi-host job construct it and call `save`/`restore`
+    together; orbax coordinates which process writes what.
+    """
+
+    def __init__(self, directory: str, max_to_keep: int = 3):
+        if max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+        self.directory = epath.Path(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=True,
+            enable_async_checkpointing=True,
+            # Left to `_sweep` at the first save: a reader (an eval job) opening the
+            # workdir must not delete the directory a running save is writing into.
+            cleanup_tmp_directories=False,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=(_STATE, _EXTRA))
+        self._swept = False
+
+    # -- queries ---------------------------------------------------------------
+
+    def _is_committed(self, step: int) -> bool:
+        return (self.directory / str(step) / COMMIT_FILE).exists()
+
+    def all_steps(self) -> list[int]:
+        """Steps with a finished checkpoint, ascending."""
+        return sorted(s for s in self._manager.all_steps() if self._is_committed(s))
+
+    def latest_step(self) -> int | None:
+        """The newest finished step, or None; a save still in flight is not counted."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    # -- save ------------------------------------------------------------------
+
+    def _sweep(self) -> None:
+        """Removes orbax tmp dirs and moves aside step dirs without a commit file."""
+        if jax.process_index() == 0 and self.directory.exists():
+            for path in self.directory.iterdir():
+                name = path.name
+                if TMP_DIR_SUFFIX in name and path.is_dir():
+                    logging.warning("removing unfinished checkpoint %s", path)
+                    path.rmtree()
+                elif name.isdigit() and path.is_dir() and not (path / COMMIT_FILE).exists():
+                    target = path.parent / (name + INCOMPLETE_SUFFIX)
+                    n = 1
+                    while target.exists():
+                        target = path.parent / f"{name}{INCOMPLETE_SUFFIX}{n}"
+                        n += 1
+                    logging.warning("checkpoint %s has no %s; moving it to %s",
+                                    path, COMMIT_FILE, target)
+                    path.rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("diffusion_checkpoint_sweep")
+        self._manager.reload()
+        self._swept = True
+
+    def save(self, step: int, state: Any, extra: dict[str, Any] | None = None,
+             force: bool = False) -> bool:
+        """Starts writing `state` and `extra` as `step`; returns once arrays are copied.
+
+        The write finishes in the background; the next `save`, `wait` or `close`
+        waits for it. Returns False (nothing written) when `step` is already saved,
+        or, unless `force`, when it is older than the latest saved step.
+        """
+        extra = {} if extra is None else extra
+        if not isinstance(extra, dict):
+            raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
+        try:
+            json.dumps(extra)  # fail here, not in orbax's background thread
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"extra is not JSON-serialisable: {e}") from e
+        if not self._swept:
+            self._sweep()
+        # Orbax's own list includes a save in flight; that step counts as saved here.
+        if step in self._manager.all_steps():
+            return False
+        args = ocp.args.Composite(**{
+            _STATE: ocp.args.StandardSave(_keys_to_data(state)),
+            _EXTRA: ocp.args.JsonSave(extra),
+        })
+        return bool(self._manager.save(step, args=args, force=force))
+
+    # -- restore ---------------------------------------------------------------
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+        """Restores (state, extra) of `step` (default: latest) into the target shardings.
+
+        `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set
+        (from jax.eval_shape plus the run's shardings); typed-key leaves are allowed.
+        """
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+        elif step not in self.all_steps():
+            raise FileNotFoundError(
+                f"no finished checkpoint for step {step} in {self.directory}; "
+                f"finished steps: {self.all_steps()}")
+        target = _abstract_for_storage(abstract_state)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardRestore(target),
+            _EXTRA: ocp.args.JsonRestore(),
+        }))
+        state = _data_to_keys(restored[_STATE], abstract_state)
+        extra = restored[_EXTRA]
+        return state, ({} if extra is None else dict(extra))
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Blocks until every save started so far is finished on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

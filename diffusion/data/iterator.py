@@ -1,0 +1,230 @@
+"""Deterministic, resumable, multi-host batches from a Source.
+
+The data order is a pure function of (seed, step):
+  * epoch e visits the examples in the order perm_e = default_rng([seed, 0, e]).permutation(N)
+    (the identity when shuffle=False);
+  * the epochs are concatenated into one stream, and global batch k is stream positions
+    [k*B, (k+1)*B), so a batch may straddle two epochs and every example is seen exactly
+    once per epoch;
+  * the horizontal flips of batch k come from default_rng([seed, 1, k]), one draw per
+    global batch position.
+Hence resuming is `start_step=k` (checkpoint `.step`), and with several processes each
+takes its contiguous slice [p*B/P, (p+1)*B/P) of the same global batch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import weakref
+from typing import Iterator
+
+import numpy as np
+
+from diffusion.data.resize import as_size
+from diffusion.data.sources import ArraySource, Source
+
+
+class BatchIterator:
+    """Yields dict(image=float32 [B_local, H, W, C] in [-1, 1], label=int32 [B_local]).
+
+    global_batch_size: B, summed over processes; must be divisible by process_count.
+    image_size: int or (H, W); images are center-cropped/resized bilinearly to it
+      (in-memory sources once up front, others per batch).
+    num_epochs: None streams forever. Otherwise the stream ends after that many epochs;
+      its last partial batch is dropped when drop_remainder, else yielded short (and
+      then possibly empty on some processes).
+    prefetch: batches computed ahead on a background thread (0: none). The batches are
+      the same either way, since each is a function of its step only.
+    """
+
+    def __init__(self, source: Source, global_batch_size: int, seed: int, *,
+                 shuffle: bool = True, random_flip: bool = False,
+                 image_size: int | tuple[int, int] | None = None,
+                 drop_remainder: bool = True, process_index: int = 0,
+                 process_count: int = 1, start_step: int = 0,
+                 num_epochs: int | None = None, prefetch: int = 0):
+        if global_batch_size <= 0:
+            raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+        if process_count <= 0 or not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if global_batch_size % process_count:
+            raise ValueError(f"global batch size {global_batch_size} is not divisible by "
+                             f"the process count {process_count}")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        if start_step < 0:
+            raise ValueError(f"start_step must be non-negative, got {start_step}")
+        if num_epochs is not None and num_epochs <= 0:
+            raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
+        if len(source) == 0:
+            raise ValueError(f"{source!r} is empty")
+
+        h, w, _ = source.image_shape
+        self._image_size = None
+        if image_size is not None:
+            size = as_size(image_size)
+            if size != (h, w):
+                if isinstance(source, ArraySource):
+                    source = source.resized(size)  # once, so batches stay cheap
+                else:
+                    self._image_size = size  # resized per batch by the source
+        elif h is None or w is None:
+            raise ValueError(f"{source!r} has images of varying size; pass image_size")
+
+        self.source = source
+        self.global_batch_size = int(global_batch_size)
+        self.local_batch_size = self.global_batch_size // process_count
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.random_flip = random_flip
+        self.process_index = process_index
+        self.process_count = process_count
+        self.num_examples = len(source)
+        self.num_epochs = num_epochs
+        self._drop_remainder = drop_remainder
+        self._start_step = int(start_step)
+        self._step = int(start_step)
+        self._perm_cache: dict[int, np.ndarray] = {}
+        self._perm_lock = threading.Lock()  # batch_at may run on the prefetch thread
+        self._prefetch = int(prefetch)
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- pure functions of (seed, step) ------------------------------------------------
+
+    @property
+    def num_batches(self) -> int | None:
+        """Batches in the whole stream (counting from step 0); None when endless."""
+        if self.num_epochs is None:
+            return None
+        total = self.num_epochs * self.num_examples
+        b = self.global_batch_size
+        return total // b if self._drop_remainder else -(-total // b)
+
+    def epoch_permutation(self, epoch: int) -> np.ndarray:
+        """The order of example indices in `epoch`, int64 [N]."""
+        with self._perm_lock:
+            perm = self._perm_cache.get(epoch)
+            if perm is None:
+                if self.shuffle:
+                    rng = np.random.default_rng([self.seed, 0, epoch])
+                    perm = rng.permutation(self.num_examples)
+                else:
+                    perm = np.arange(self.num_examples)
+                if len(self._perm_cache) >= 4:  # a batch spans few epochs: keep it small
+                    self._perm_cache.pop(next(iter(self._perm_cache)))
+                self._perm_cache[epoch] = perm
+        return perm
+
+    def indices_at(self, step: int) -> np.ndarray:
+        """Example indices of this process's part of global batch `step`, int64 [B_local]."""
+        b, n = self.global_batch_size, self.num_examples
+        start = step * b + self.process_index * self.local_batch_size
+        stop = start + self.local_batch_size
+        if self.num_epochs is not None:
+            stop = min(stop, self.num_epochs * n)
+        pos = np.arange(start, max(start, stop))
+        epochs, offsets = np.divmod(pos, n)
+        out = np.empty(len(pos), np.int64)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            out[sel] = self.epoch_permutation(int(e))[offsets[sel]]
+        return out
+
+    def flips_at(self, step: int) -> np.ndarray:
+        """bool [B_local]: which images of this process's part of batch `step` are flipped."""
+        flips = np.random.default_rng([self.seed, 1, step]).random(self.global_batch_size) < 0.5
+        lo = self.process_index * self.local_batch_size
+        return flips[lo:lo + self.local_batch_size]
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        """This process's part of global batch `step`."""
+        indices = self.indices_at(step)
+        data = self.source.get(indices, self._image_size) if self._image_size else \
+            self.source.get(indices)
+        images = data["image"]
+        if self.random_flip:
+            flips = self.flips_at(step)[:len(indices)]
+            images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+        # uint8 -> [-1, 1]: x = u / 127.5 - 1.
+        x = images.astype(np.float32)
+        x *= 1.0 / 127.5
+        x -= 1.0
+        return dict(image=x, label=np.asarray(data["label"], np.int32))
+
+    # ---- iteration ----------------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        """Global step of the next batch: start_step + batches yielded. Checkpoint this."""
+        return self._step
+
+    @property
+    def epoch(self) -> float:
+        """Epochs consumed so far (fractional)."""
+        return self._step * self.global_batch_size / self.num_examples
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        total = self.num_batches
+        if total is not None and self._step >= total:
+            raise StopIteration
+        if self._prefetch > 0:
+            batch = self._next_prefetched()
+        else:
+            batch = self.batch_at(self._step)
+        self._step += 1
+        return batch
+
+    def _next_prefetched(self) -> dict[str, np.ndarray]:
+        if self._thread is None:
+            self._queue = queue.Queue(maxsize=self._prefetch)
+            self._thread = threading.Thread(
+                target=_produce, daemon=True, name="BatchIterator-prefetch",
+                args=(weakref.ref(self), self._stop, self._queue, self._step, self.num_batches))
+            self._thread.start()
+        step, batch = self._queue.get()
+        if isinstance(batch, BaseException):
+            raise batch
+        assert step == self._step, (step, self._step)
+        return batch
+
+    def close(self) -> None:
+        """Stops the prefetch thread (if any)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __del__(self):
+        stop = getattr(self, "_stop", None)  # absent when __init__ raised
+        if stop is not None:
+            stop.set()
+
+
+def _produce(ref: "weakref.ref[BatchIterator]", stop: threading.Event, out: queue.Queue,
+             step: int, total: int | None) -> None:
+    """Prefetch loop. Holds the iterator only weakly, so an abandoned one is collected
+    (its __del__ then sets `stop`)."""
+    while not stop.is_set() and (total is None or step < total):
+        it = ref()
+        if it is None:
+            return
+        try:
+            item = it.batch_at(step)
+        except BaseException as e:  # handed to the consumer, raised there
+            item = e
+        del it
+        while not stop.is_set():
+            try:
+                out.put((step, item), timeout=0.1)
+                break
+            except queue.Full:
+                pass
+        if isinstance(item, BaseException):
+            return
+        step += 1

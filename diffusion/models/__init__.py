@@ -1,0 +1,38 @@
+"""Denoising networks (U-Net, DiT) and the autoencoder, and `build_model` from a config.
+
+Networks take explicit hyperparameters; `build_model` is the one place that reads the
+`model` section of a config. MODELS is the explicit registry of denoisers.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from diffusion.models.dit import DiT, dit_variant
+from diffusion.models.unet import UNet
+
+MODELS = {"unet": UNet, "dit": DiT}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model(model: ml_collections.ConfigDict, image_shape: tuple, num_classes: int,
+                learned_sigma: bool = False):
+    """The denoiser for images of `image_shape` (H, W, C)."""
+    if model.name not in MODELS:
+        raise ValueError(f"unknown model.name {model.name!r}; known: {sorted(MODELS)}")
+    if model.dtype not in DTYPES:
+        raise ValueError(f"unknown model.dtype {model.dtype!r}; known: {sorted(DTYPES)}")
+    h, w, c = image_shape
+    out_channels = 2 * c if learned_sigma else c
+    dtype = DTYPES[model.dtype]
+    if model.name == "unet":
+        return UNet(**model.unet.to_dict(), out_channels=out_channels, num_classes=num_classes,
+                    remat=model.remat, dtype=dtype)
+    if h != w:
+        raise ValueError(f"DiT needs square images, got {h}x{w}")
+    arch = dit_variant(model.dit.variant)
+    for k in ("hidden_size", "depth", "num_heads"):  # 0 = the variant's value
+        if model.dit.get(k, 0):
+            arch[k] = model.dit[k]
+    return DiT(input_size=h, in_channels=c, num_classes=num_classes, learn_sigma=learned_sigma,
+               remat=model.remat, dtype=dtype, **arch)

@@ -1,0 +1,58 @@
+"""DDPM ancestral sampling (Ho et al. 2020), on any subset of the training steps.
+
+Each step draws x_s ~ N(mean, var) with the posterior mean of q(x_s | x_t, x0_hat) and
+var = the posterior variance ("small", DDPM's fixed small), beta_{t|s} = 1 - ab_t / ab_s
+("large", fixed large, with the first step's clipped), or the model's learned
+interpolation between the two ("learned"). With fewer steps than T this is the respaced
+chain of Nichol & Dhariwal (2021).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from diffusion.denoiser import Denoiser
+from diffusion.forward_process import (expand, posterior_log_variance_clipped,
+                                       posterior_mean_log_variance)
+from diffusion.learned_variance import interpolated_log_variance
+from diffusion.samplers.base import initial_noise, per_sample_normal, sample_keys, time_pairs
+
+VARIANCES = ("small", "large", "learned")
+
+
+def sample(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, y=None,
+           guidance=None, x_T=None, sample_offset=0, variance: str = "small",
+           spacing: str = "trailing") -> jnp.ndarray:
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown DDPM variance {variance!r}; known: {VARIANCES}")
+    if variance == "learned" and not denoiser.learned_sigma:
+        raise ValueError("variance='learned' needs a model trained with learned sigma")
+    sched = denoiser.schedule
+    t_all, s_all = time_pairs(sched, num_steps, spacing)
+    keys = sample_keys(key, shape[0], sample_offset)
+    x = initial_noise(keys, shape, x_T)
+    b = shape[0]
+
+    def step(x, inp):
+        k, t, s = inp
+        tb, sb = jnp.full((b,), t), jnp.full((b,), s)
+        pred = denoiser.predict(x, tb, y, guidance)
+        mean, log_var = posterior_mean_log_variance(sched, pred.x0, x, sb, tb)
+        if variance == "learned":
+            log_var = interpolated_log_variance(sched, pred.var_out, sb, tb)
+        else:
+            if variance == "large":
+                beta = -jnp.expm1(sched.log_alpha_bar(tb) - sched.log_alpha_bar(sb))
+                # DDPM's fixed-large variance replaces the last step's beta by the
+                # clipped posterior variance, as the first posterior variance is 0.
+                last = sb <= 0.0
+                log_var = jnp.where(last, posterior_log_variance_clipped(sched, sb, tb),
+                                    jnp.log(beta))
+            log_var = expand(log_var, x)
+        noise = per_sample_normal(keys, tuple(shape[1:]), k + 1)
+        nonzero = (s > 0.0).astype(x.dtype)
+        return mean + nonzero * jnp.exp(0.5 * log_var) * noise, None
+
+    steps = jnp.arange(t_all.shape[0], dtype=jnp.uint32)
+    x, _ = jax.lax.scan(step, x, (steps, t_all, s_all))
+    return x

@@ -1,0 +1,45 @@
+"""The `sample` mode: load the newest checkpoint's EMA params, draw N images, write a
+PNG grid and an `.npz` (images uint8 [N, H, W, C] and labels) into the workdir."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from diffusion import images, samplers
+from diffusion.train import sampling
+from diffusion.train.loop import sample_fn_for
+from diffusion.train.setup import build_run
+
+log = logging.getLogger(__name__)
+
+
+def sample_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Samples with config.sample.* from workdir's newest checkpoint; returns the .npz path."""
+    run = build_run(config, workdir)
+    step = run.checkpointer.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {run.workdir}/checkpoints: train first "
+                                f"with `python launch.py --config ... --workdir {workdir}`")
+    state, _ = run.checkpointer.restore(run.abstract_state)
+    s = config.sample
+    n_dev = run.mesh.devices.size
+    bs = int(math.ceil(min(s.batch_size, s.num_samples) / n_dev) * n_dev)
+    fn = sample_fn_for(run, s.sampler, s.num_steps, bs)
+    x = sampling.generate(fn, state.ema_params, jax.random.key(s.seed), s.num_samples, bs,
+                          s.guidance_scale)
+    labels = (np.arange(s.num_samples) % run.num_classes if run.num_classes
+              else np.full(s.num_samples, -1))
+    name = f"samples_{samplers.canonical_name(s.sampler)}_{s.num_steps}steps_step{step}"
+    out = os.path.join(run.workdir, name)
+    if jax.process_index() == 0:
+        u8 = np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        np.savez(out + ".npz", images=u8, labels=labels)
+        images.save_png(out + ".png", images.make_grid(x))
+        log.info("wrote %s.npz and .png", out)
+    run.checkpointer.close()
+    return out + ".npz"

@@ -1,0 +1,65 @@
+"""Drawing samples from a model inside or outside training.
+
+`make_sample_fn` compiles one whole sampling loop (any sampler in the registry) as a
+function of (params, key, sample_offset, guidance); sample i of a call gets its noise
+from fold_in(key, sample_offset + i), so images do not depend on the batch size or
+the number of devices, and a new guidance weight never recompiles.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffusion import parallel, samplers
+from diffusion.denoiser import Denoiser
+
+
+def sampler_options(sample: ml_collections.ConfigDict, name: str) -> dict:
+    """The options of the config's `sample` section that sampler `name` takes."""
+    name = samplers.canonical_name(name)
+    options = {"spacing": sample.spacing}
+    if name == "ddim":
+        options["eta"] = sample.eta
+    if name == "ddpm":
+        options["variance"] = sample.variance
+    return options
+
+
+def make_sample_fn(denoiser_fn: Callable[..., Denoiser], *, image_shape: tuple,
+                   num_classes: int, sampler: str, num_steps: int, batch_size: int, mesh,
+                   options: dict) -> Callable:
+    """Returns a jitted fn(params, key, sample_offset, guidance) -> x0 [batch, H, W, C].
+
+    denoiser_fn(params) -> Denoiser (see diffusion.train.objectives).
+
+    Class-conditional models sample label (offset + i) % num_classes for sample i, with
+    classifier-free guidance weight `guidance` (1 = purely conditional).
+    """
+    sample = samplers.get_sampler(sampler)
+    parallel.check_batch_divisible(batch_size, mesh, "sample batch size")
+    shape = (batch_size,) + tuple(image_shape)
+
+    def fn(params, key, sample_offset, guidance):
+        denoiser = denoiser_fn(params)
+        y, w = None, None
+        if num_classes > 0:
+            y = (sample_offset + jnp.arange(batch_size, dtype=jnp.int32)) % num_classes
+            w = guidance
+        return sample(denoiser, key, shape, num_steps, y=y, guidance=w,
+                      sample_offset=sample_offset, **options)
+
+    return jax.jit(fn, out_shardings=parallel.data_sharded(mesh))
+
+
+def generate(sample_fn: Callable, params, key: jax.Array, num_samples: int, batch_size: int,
+             guidance: float = 1.0) -> np.ndarray:
+    """Draws num_samples images [N, H, W, C] in batches; on the host, on every process."""
+    out = []
+    for offset in range(0, num_samples, batch_size):
+        x = sample_fn(params, key, jnp.int32(offset), jnp.float32(guidance))
+        out.append(parallel.to_host(x))
+    return np.concatenate(out)[:num_samples]

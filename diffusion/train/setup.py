@@ -1,0 +1,94 @@
+"""Everything a run builds from its config before the first step, shared by training
+and sampling: mesh, data source, schedule, model, optimizer, abstract state, checkpoints.
+
+The abstract state comes from `jax.eval_shape`, so a model that cannot take the data's
+image shape fails here, in seconds, before anything compiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from diffusion import parallel
+from diffusion.checkpointing import Checkpointer
+from diffusion.data import Source, make_source
+from diffusion.models import build_model
+from diffusion.schedules import Schedule, make_schedule
+from diffusion.train.objectives import get_objective
+from diffusion.train.state import init_state, make_optimizer
+
+
+@dataclasses.dataclass
+class Run:
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: Any
+    source: Source
+    image_shape: tuple
+    num_classes: int
+    schedule: Schedule
+    model: Any
+    tx: Any
+    lr_fn: Any
+    init_fn: Any
+    objective: Any        # diffusion.train.objectives.Objective
+    abstract_state: Any   # ShapeDtypeStructs carrying their target shardings
+    state_sharding: Any
+    checkpointer: Checkpointer
+
+
+def image_shape_of(config: ml_collections.ConfigDict, source: Source) -> tuple:
+    h, w, c = source.image_shape
+    if config.data.image_size:
+        h = w = int(config.data.image_size)
+    return (h, w, c)
+
+
+def build_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Run:
+    """Builds the run on `devices` (default: every device of the job)."""
+    workdir = os.path.abspath(workdir)
+    mesh = parallel.make_mesh(devices)
+    parallel.check_batch_divisible(config.data.global_batch_size, mesh, "data.global_batch_size")
+    source = make_source(config.data.source, config.data.split, config.data.data_dir or None)
+    image_shape = image_shape_of(config, source)
+    num_classes = int(config.conditioning.num_classes)
+    if num_classes > 0 and source.num_classes and num_classes != source.num_classes:
+        raise ValueError(f"conditioning.num_classes={num_classes} but data source "
+                         f"{config.data.source!r} has {source.num_classes} classes")
+    schedule = make_schedule(config.diffusion.schedule, config.diffusion.T,
+                             config.diffusion.zero_terminal_snr)
+    model = build_model(config.model, image_shape, num_classes, config.diffusion.learned_sigma)
+    tx, lr_fn = make_optimizer(config.optim, config.train.num_steps)
+    objective = get_objective(config.train.objective)
+    run = Run(config, workdir, mesh, source, image_shape, num_classes, schedule, model, tx,
+              lr_fn, None, objective, None, None, None)
+
+    def init_fn(key):
+        state = init_state(model, tx, key, image_shape=image_shape, num_classes=num_classes)
+        return objective.init_aux(run, state)
+    try:
+        abstract = jax.eval_shape(init_fn, jax.random.key(config.seed))
+    except ValueError as e:  # the model's own shape checks, before any compile
+        raise ValueError(f"model {config.model.name!r} cannot take images of shape "
+                         f"{image_shape}: {e}") from e
+    repl = parallel.replicated(mesh)
+    state_sharding = jax.tree.map(lambda _: repl, abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, state_sharding)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+    return dataclasses.replace(run, init_fn=init_fn, abstract_state=abstract,
+                               state_sharding=state_sharding, checkpointer=ckpt)
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """The resolved config, as JSON (machine) and as the ConfigDict repr (people)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)

@@ -1,0 +1,77 @@
+"""The train state (one pytree) and how it is built: optimizer, EMA, initialisation.
+
+TrainState(step, params, opt_state, ema_params, rng, aux), where `aux` holds what
+an objective other than plain diffusion needs (e.g. a consistency model's target net). It is initialised by shape first
+(`jax.eval_shape`), which checks the model against the data shape in seconds, and the
+same abstract state is the checkpoint restore target.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    rng: jax.Array  # typed key; the step's key is fold_in(rng, step)
+    aux: Any = flax.struct.field(default_factory=dict)  # objective-specific state
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+    warmup = int(optim.warmup_steps)
+    decay_steps = max(num_steps - warmup, 1)
+    end = optim.lr * optim.end_lr_factor
+    if optim.decay == "constant":
+        after = optax.constant_schedule(optim.lr)
+    elif optim.decay == "cosine":
+        after = optax.cosine_decay_schedule(optim.lr, decay_steps, alpha=optim.end_lr_factor)
+    elif optim.decay == "linear":
+        after = optax.linear_schedule(optim.lr, end, decay_steps)
+    else:
+        raise ValueError(f"unknown optim.decay {optim.decay!r}; known: constant, cosine, linear")
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), after], [warmup])
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
+    """AdamW with warm-up and decay, after global-norm gradient clipping."""
+    lr = learning_rate_schedule(optim, num_steps)
+    parts = []
+    if optim.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(optim.grad_clip))
+    parts.append(optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                             weight_decay=optim.weight_decay))
+    return optax.chain(*parts), lr
+
+
+def ema_decay(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+    """EMA rate at `step`; with warm-up, min(decay, (1 + k) / (10 + k))."""
+    if not warmup:
+        return jnp.asarray(decay, jnp.float32)
+    k = step.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + k) / (10.0 + k))
+
+
+def ema_update(ema: Any, params: Any, decay: jax.Array) -> Any:
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def init_state(model, tx, key: jax.Array, image_shape: tuple, num_classes: int) -> TrainState:
+    """Initialises params on a batch of one; call under eval_shape or jit."""
+    k_init, k_state = jax.random.split(key)
+    x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.float32)
+    y = jnp.zeros((1,), jnp.int32) if num_classes > 0 else None
+    params = model.init({"params": k_init}, x, t, y, train=False)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params, rng=k_state)

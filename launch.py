@@ -1,0 +1,95 @@
+"""Launches a run: python launch.py --config configs/NAME.py[:ARGS] --workdir DIR
+[--config.a.b=VALUE ...] [--mode train|sample] [--sweep].
+
+Configs are locked: overriding a key the config does not define, or giving a value of
+the wrong type, is an error that names the key. `--sweep` runs every override set that
+the config file's `sweep()` returns, each in its own sub-directory of the workdir.
+Multi-host: pass --coordinator_address/--num_processes/--process_id, or --distributed
+to let jax.distributed.initialize() find them (SLURM, TPU pods).
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
+_SWEEP = flags.DEFINE_bool("sweep", False, "Run every override set of the config's sweep().")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() with auto-detection.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def sweep_runs(config_path: str, config) -> list[tuple[str, object]]:
+    """(name, config) per entry of the config module's sweep(): dicts of dotted overrides."""
+    spec = importlib.util.spec_from_file_location("_sweep_config", config_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "sweep"):
+        raise ValueError(f"--sweep given but {config_path} defines no sweep()")
+    runs = []
+    for overrides in module.sweep():
+        cfg = copy.deepcopy(config)
+        for key, value in overrides.items():
+            parent = cfg
+            for part in key.split(".")[:-1]:
+                if part not in parent:
+                    raise KeyError(f"sweep override {key!r}: no key {part!r} in the config")
+                parent = parent[part]
+            leaf = key.split(".")[-1]
+            if leaf not in parent:
+                raise KeyError(f"sweep override {key!r}: no key {leaf!r} in the config")
+            parent[leaf] = value
+        name = ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+        runs.append((name.replace("/", "_"), cfg))
+    return runs
+
+
+def _initialize_distributed() -> None:
+    import jax
+    if _COORDINATOR.value or _DISTRIBUTED.value:
+        # Gloo gives CPU-only jobs (tests, debugging) cross-process collectives.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if _COORDINATOR.value:
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+    elif _DISTRIBUTED.value:
+        jax.distributed.initialize()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Our progress at INFO; libraries (orbax logs every save step) at WARNING.
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("diffusion").setLevel(logging.INFO)
+    _initialize_distributed()
+    from diffusion.train import sample_from_workdir, train_and_evaluate
+
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    runs = [("", config)]
+    if _SWEEP.value:
+        path = config_flags.get_config_filename(flags.FLAGS["config"])
+        runs = sweep_runs(path, config)
+    for name, cfg in runs:
+        run_dir = os.path.join(workdir, name) if name else workdir
+        if _MODE.value == "train":
+            metrics = train_and_evaluate(cfg, run_dir)
+            print(f"finished {run_dir}: {metrics}", flush=True)
+        else:
+            print(f"wrote {sample_from_workdir(cfg, run_dir)}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

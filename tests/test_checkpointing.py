@@ -1,0 +1,210 @@
+"""Tests for diffusion.checkpointing: round trips, keep-last-K, half-written steps, meshes."""
+import os
+import shutil
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from diffusion import checkpointing
+from diffusion.checkpointing import Checkpointer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    ema_params: dict
+    rng: jax.Array
+
+
+def _optimizer():
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 5, 100)
+    return optax.adamw(schedule, weight_decay=0.01)
+
+
+def _make_state(step: int, n_dev: int) -> TrainState:
+    """A state one optimizer update in, so counts and moments are non-trivial."""
+    k = jax.random.key(step)
+    params = {"w": jax.random.normal(k, (2 * n_dev, 3)), "b": jnp.arange(3.0)}
+    opt = _optimizer()
+    opt_state = opt.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, opt_state = opt.update(grads, opt_state, params)
+    ema = jax.tree.map(lambda p: 0.5 * p, params)
+    return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                      opt_state=opt_state, ema_params=ema,
+                      rng=jax.random.split(jax.random.key(100 + step))[1])
+
+
+def _mesh():
+    devices = jax.devices()
+    return jax.make_mesh((len(devices),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Explicit,))
+
+
+def _shardings(state, mesh):
+    """Everything replicated except params['w'], sharded along 'data'."""
+    rep = NamedSharding(mesh, P())
+    sh = jax.tree.map(lambda _: rep, state)
+    return sh.replace(params={"w": NamedSharding(mesh, P("data")), "b": rep})
+
+
+def _abstract(state, shardings):
+    shapes = jax.eval_shape(lambda: state)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
+
+
+def _assert_same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        if checkpointing._is_key(x):
+            assert x.dtype == y.dtype
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_orbax_names_match():
+    assert checkpointing.TMP_DIR_SUFFIX == ocp.path.atomicity_types.TMP_DIR_SUFFIX
+    assert checkpointing.COMMIT_FILE == ocp.path.atomicity_types.COMMIT_SUCCESS_FILE
+
+
+def test_roundtrip_state_typed_key_opt_state_and_extra(tmp_path):
+    n_dev = len(jax.devices())
+    mesh = _mesh()
+    state = _make_state(7, n_dev)
+    shardings = _shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    extra = {"data": {"epoch": 1, "index": 1234}, "config": {"lr": 1e-3, "mults": [1, 2]}}
+
+    ckpt = Checkpointer(str(tmp_path))
+    assert ckpt.latest_step() is None
+    assert ckpt.save(7, state, extra)
+    ckpt.wait()
+    assert ckpt.latest_step() == 7
+    assert (tmp_path / "7" / checkpointing.COMMIT_FILE).exists()
+    ckpt.close()
+
+    # A fresh instance, as a resumed job would build it.
+    abstract = _abstract(state, shardings)
+    with Checkpointer(str(tmp_path)) as ckpt2:
+        assert ckpt2.latest_step() == 7
+        restored, extra2 = ckpt2.restore(abstract)
+    assert extra2 == extra
+    _assert_same(restored, state)
+    assert isinstance(restored, TrainState)
+    assert jax.dtypes.issubdtype(restored.rng.dtype, jax.dtypes.prng_key)
+    assert type(restored.opt_state[0]) is type(state.opt_state[0])
+    # Restored arrays land on the target shardings, across all devices.
+    for x, sh in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)):
+        assert x.sharding.is_equivalent_to(sh, x.ndim), (x.sharding, sh)
+    w = restored.params["w"]
+    assert len(w.addressable_shards) == n_dev
+    assert w.addressable_shards[0].data.shape == (2, 3)
+    # The restored optimizer state and key still work.
+    opt = _optimizer()
+    grads = jax.tree.map(jnp.ones_like, restored.params)
+    opt.update(grads, restored.opt_state, restored.params)
+    jax.random.normal(restored.rng, (2,))
+
+
+def test_restore_reshards_and_keeps_key_impl(tmp_path):
+    """Saved from one device, restored onto the mesh; a non-default key impl survives."""
+    n_dev = len(jax.devices())
+    state = {"w": jnp.arange(4.0 * n_dev).reshape(2 * n_dev, 2),
+             "keys": jax.random.split(jax.random.key(3, impl="rbg"), n_dev)}
+    with Checkpointer(str(tmp_path)) as ckpt:
+        ckpt.save(1, state)
+    mesh = _mesh()
+    sh = {"w": NamedSharding(mesh, P("data")), "keys": NamedSharding(mesh, P("data"))}
+    restored, extra = Checkpointer(str(tmp_path)).restore(_abstract(state, sh))
+    assert extra == {}
+    _assert_same(restored, state)
+    assert jax.random.key_impl(restored["keys"]) == jax.random.key_impl(state["keys"])
+    assert len(restored["keys"].addressable_shards) == n_dev
+    assert restored["w"].sharding.is_equivalent_to(sh["w"], 2)
+
+
+def test_keep_last_k_and_skip_rules(tmp_path):
+    state = {"x": jnp.zeros(3)}
+    ckpt = Checkpointer(str(tmp_path), max_to_keep=2)
+    for step in (1, 2, 3, 4):
+        assert ckpt.save(step, {"x": jnp.full(3, float(step))}, {"step": step})
+    ckpt.wait()
+    assert ckpt.all_steps() == [3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["3", "4"]
+    assert not ckpt.save(4, state)  # already saved
+    assert not ckpt.save(2, state)  # older than the latest
+    sh = {"x": jax.sharding.SingleDeviceSharding(jax.devices()[0])}
+    restored, extra = ckpt.restore(_abstract(state, sh), step=3)
+    np.testing.assert_array_equal(restored["x"], 3.0)
+    assert extra == {"step": 3}
+    with pytest.raises(FileNotFoundError, match="step 1"):
+        ckpt.restore(_abstract(state, sh), step=1)
+    ckpt.close()
+
+
+def test_half_written_checkpoints_are_ignored(tmp_path):
+    sh = {"x": jax.sharding.SingleDeviceSharding(jax.devices()[0])}
+    abstract = _abstract({"x": jnp.zeros(4)}, sh)
+    with Checkpointer(str(tmp_path), max_to_keep=3) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, {"x": jnp.full(4, float(step))}, {"step": step})
+
+    # What a crash leaves behind: (a) orbax's tmp dir for step 3, never renamed;
+    # (b) a step-4 directory without its commit file, one of its files truncated
+    # (the commit-file mode's half-written state; orbax alone lists such a step).
+    good = tmp_path / "2"
+    shutil.copytree(good, tmp_path / ("3" + checkpointing.TMP_DIR_SUFFIX))
+    os.remove(tmp_path / ("3" + checkpointing.TMP_DIR_SUFFIX) / checkpointing.COMMIT_FILE)
+    shutil.copytree(good, tmp_path / "4")
+    os.remove(tmp_path / "4" / checkpointing.COMMIT_FILE)
+    files = sorted(p for p in (tmp_path / "4").rglob("*") if p.is_file())
+    with open(files[-1], "r+b") as f:
+        f.truncate(1)
+
+    ckpt = Checkpointer(str(tmp_path), max_to_keep=3)
+    assert ckpt.latest_step() == 2
+    assert ckpt.all_steps() == [1, 2]
+    restored, extra = ckpt.restore(abstract)
+    assert extra == {"step": 2}
+    np.testing.assert_array_equal(restored["x"], 2.0)
+    with pytest.raises(FileNotFoundError):
+        ckpt.restore(abstract, step=4)
+
+    # Resuming from 2 writes 3 and 4 again: the debris must not block that.
+    assert ckpt.save(3, {"x": jnp.full(4, 3.0)}, {"step": 3})
+    assert ckpt.save(4, {"x": jnp.full(4, 4.0)}, {"step": 4})
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 3, 4]
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "4" + checkpointing.INCOMPLETE_SUFFIX in names  # moved aside, not deleted
+    assert not any(checkpointing.TMP_DIR_SUFFIX in n for n in names)
+    restored, extra = ckpt.restore(abstract)
+    assert extra == {"step": 4}
+    np.testing.assert_array_equal(restored["x"], 4.0)
+    ckpt.close()
+
+
+def test_clear_errors(tmp_path):
+    ckpt = Checkpointer(str(tmp_path))
+    sh = {"x": jax.sharding.SingleDeviceSharding(jax.devices()[0])}
+    abstract = _abstract({"x": jnp.zeros(2)}, sh)
+    with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
+        ckpt.restore(abstract)
+    with pytest.raises(ValueError, match="JSON"):
+        ckpt.save(1, {"x": jnp.zeros(2)}, {"bad": object()})
+    ckpt.save(1, {"x": jnp.zeros(2)})
+    ckpt.wait()
+    with pytest.raises(ValueError, match=r"\['x'\] has no sharding"):
+        ckpt.restore({"x": jax.ShapeDtypeStruct((2,), jnp.float32)})
+    with pytest.raises(ValueError, match="max_to_keep"):
+        Checkpointer(str(tmp_path / "other"), max_to_keep=0)
+    ckpt.close()

@@ -1,0 +1,153 @@
+"""The train step and loop: 8 devices equal 1, resume equals an uninterrupted run,
+SIGTERM saves, SIGKILL resumes, bad config and bad shapes fail before compiling."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs.default import get_config
+from diffusion import parallel
+from diffusion.data import BatchIterator
+from diffusion.train import loop
+from diffusion.train.setup import build_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _steps(devices, workdir, n=3):
+    cfg = get_config("runlocal")
+    run = build_run(cfg, workdir, devices)
+    step = loop._train_step_fn(run)
+    state = jax.jit(run.init_fn, out_shardings=run.state_sharding)(jax.random.key(0))
+    batches = BatchIterator(run.source, cfg.data.global_batch_size, 0,
+                            image_size=run.image_shape[:2])
+    out = []
+    for _ in range(n):
+        state, metrics = step(state, parallel.global_batch(next(batches), run.mesh))
+        out.append(float(metrics["loss"]))
+    return out, jax.device_get(state.params), jax.device_get(state.ema_params)
+
+
+def test_eight_devices_equal_one(tmp_path):
+    assert jax.device_count() == 8, "tests/conftest.py should give 8 CPU devices"
+    l1, p1, e1 = _steps(jax.devices()[:1], str(tmp_path / "one"))
+    l8, p8, e8 = _steps(jax.devices(), str(tmp_path / "eight"))
+    np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p8, p1)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), e8, e1)
+    assert l1[0] != l1[1], "successive steps should see different batches and noise"
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    cfg = get_config("runlocal")
+    cfg.train.sample_every = 0
+    full = str(tmp_path / "full")
+    loop.train_and_evaluate(cfg, full)
+    steps = sorted(int(d) for d in os.listdir(os.path.join(full, "checkpoints")) if d.isdigit())
+    assert steps == [2, 4]
+    for name in ("config.json", "metrics.jsonl"):
+        assert os.path.exists(os.path.join(full, name))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(full))
+    # Simulate a crash after step 2: the workdir as it was then, and relaunch.
+    cut = str(tmp_path / "cut")
+    shutil.copytree(full, cut)
+    shutil.rmtree(os.path.join(cut, "checkpoints", "4"))
+    os.remove(os.path.join(cut, "metrics.jsonl"))
+    resumed = loop.train_and_evaluate(cfg, cut)
+    expected = {r["step"]: r["loss"] for r in _read_jsonl(os.path.join(full, "metrics.jsonl"))}
+    assert resumed["step"] == 4
+    assert resumed["loss"] == pytest.approx(expected[4], rel=1e-6)
+
+
+def test_model_that_cannot_take_the_image_shape_fails_before_compiling(tmp_path):
+    cfg = get_config("runlocal")
+    cfg.data.image_size = 6
+    cfg.model.unet.ch_mult = (1, 2, 2)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="6"):
+        build_run(cfg, str(tmp_path))
+    assert time.perf_counter() - t0 < 20
+
+
+def _launch(workdir, *overrides, config="configs/default.py:runlocal", mode="train"):
+    cmd = [sys.executable, "launch.py", f"--config={config}", f"--workdir={workdir}",
+           f"--mode={mode}", *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def test_typo_in_override_is_an_error_naming_the_key(tmp_path):
+    proc = _launch(str(tmp_path), "--config.optim.lrr=1")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "lrr" in out
+    proc = _launch(str(tmp_path), "--config.optim.lr=fast")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "lr" in out
+
+
+def _checkpoints(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(d):
+        return []
+    return sorted(int(s) for s in os.listdir(d)
+                  if s.isdigit() and os.path.exists(os.path.join(d, s, "commit_success.txt")))
+
+
+def _wait_for(predicate, proc, timeout=240):
+    t0 = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early:\n{proc.stdout.read()}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.2)
+
+
+def test_sigterm_saves_then_sigkill_resumes_then_sample(tmp_path):
+    wd = str(tmp_path / "run")
+    endless = ["--config.train.num_steps=100000", "--config.train.sample_every=0",
+               "--config.train.log_every=1", "--config.train.checkpoint_every=1000"]
+    proc = _launch(wd, *endless)
+    metrics = os.path.join(wd, "metrics.jsonl")
+    _wait_for(lambda: os.path.exists(metrics) and len(_read_jsonl(metrics)) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    saved = _checkpoints(wd)
+    assert saved and saved[-1] >= 3 and saved[-1] % 1000, (saved, out)
+
+    # Now checkpoints every 2 steps, killed hard: the relaunch resumes from the last one.
+    proc = _launch(wd, *endless[:-1], "--config.train.checkpoint_every=2")
+    _wait_for(lambda: len(_checkpoints(wd)) >= 2 and _checkpoints(wd)[-1] >= saved[-1] + 4, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    last = _checkpoints(wd)[-1]
+    proc = _launch(wd, f"--config.train.num_steps={last + 2}", "--config.train.sample_every=0")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert f"resumed from checkpoint at step {last}" in out
+    assert _checkpoints(wd)[-1] == last + 2
+
+    proc = _launch(wd, f"--config.train.num_steps={last + 2}", "--config.sample.num_samples=5",
+                   mode="sample")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    npz = [f for f in os.listdir(wd) if f.endswith(".npz")]
+    assert len(npz) == 1
+    data = np.load(os.path.join(wd, npz[0]))
+    assert data["images"].shape == (5, 8, 8, 3) and data["images"].dtype == np.uint8
+    assert os.path.exists(os.path.join(wd, npz[0][:-4] + ".png"))
