@@ -1,0 +1,47 @@
+"""Converts pytorch-fid's Inception weights (.pth) into an .npz of the state dict.
+
+    python -m diffusion.evaluation.convert_inception \
+        --in pt_inception-2015-12-05-6726825d.pth --out inception_fid.npz
+
+This one step needs torch (`pip install torch`, CPU build is enough); nothing else in
+the project does. Download the .pth from the pytorch-fid release "fid_weights":
+https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
+The keys are checked against the expected layout before the file is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from diffusion.evaluation.inception_weights import state_dict_to_variables
+
+
+def convert(in_path: str, out_path: str) -> int:
+    """Writes the state dict of in_path (.pth) to out_path (.npz); returns the key count."""
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise SystemExit("converting a .pth needs torch: pip install torch") from e
+    state_dict = torch.load(in_path, map_location="cpu")
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
+        state_dict = state_dict["state_dict"]
+    arrays = {k: v.detach().cpu().numpy() for k, v in state_dict.items()
+              if not k.endswith(".num_batches_tracked")}
+    state_dict_to_variables(arrays)  # raises with the offending key if the layout differs
+    np.savez(out_path, **arrays)
+    return len(arrays)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--in", dest="in_path", required=True, help="pytorch-fid .pth")
+    parser.add_argument("--out", dest="out_path", required=True, help="output .npz")
+    args = parser.parse_args()
+    n = convert(args.in_path, args.out_path)
+    print(f"wrote {n} arrays to {args.out_path}")
+
+
+if __name__ == "__main__":
+    main()

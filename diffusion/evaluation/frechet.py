@@ -1,0 +1,162 @@
+"""Fréchet distance between Gaussians fitted to feature sets, with streaming statistics.
+
+FID (Heusel et al. 2017) fits N(mu, C) to the features of real and of generated images
+and reports
+
+    d^2 = ||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1 C2)^{1/2}).
+
+Statistics are accumulated batch by batch: each batch contributes its count, mean and
+centred scatter matrix (cheap, accurate even in float32 on device because the batch is
+centred first), and batches are merged on the host in float64 with Chan et al.'s
+pairwise update, so the result does not depend on how the data was split into batches.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+
+
+@jax.jit
+def batch_moments(features: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean [D] and centred scatter sum_i (f_i - m)(f_i - m)^T [D, D] of features [B, D]."""
+    f = features.astype(jnp.float32)
+    mean = jnp.mean(f, axis=0)
+    centred = f - mean
+    scatter = jnp.matmul(centred.T, centred, precision=jax.lax.Precision.HIGHEST)
+    return mean, scatter
+
+
+class FeatureStats:
+    """Running mean and covariance of feature vectors, merged in float64 on the host."""
+
+    def __init__(self, dim: int):
+        if dim <= 0:
+            raise ValueError(f"feature dimension must be positive, got {dim}")
+        self.dim = dim
+        self.count = 0
+        self._mean = np.zeros([dim], np.float64)
+        self._scatter = np.zeros([dim, dim], np.float64)
+
+    def _merge_moments(self, n_b: int, mean_b: np.ndarray, scatter_b: np.ndarray) -> None:
+        # Chan, Golub & LeVeque: combining two partial (count, mean, scatter) triples.
+        n_a = self.count
+        n = n_a + n_b
+        delta = mean_b - self._mean
+        self._mean = self._mean + delta * (n_b / n)
+        self._scatter = self._scatter + scatter_b + np.outer(delta, delta) * (n_a * n_b / n)
+        self.count = n
+
+    def update(self, features: jax.Array | np.ndarray) -> None:
+        """Adds a batch of features [B, D] (a device or host array)."""
+        if features.ndim != 2 or features.shape[1] != self.dim:
+            raise ValueError(
+                f"expected features of shape [B, {self.dim}], got {tuple(features.shape)}")
+        n_b = int(features.shape[0])
+        if n_b == 0:
+            return
+        mean_b, scatter_b = jax.device_get(batch_moments(features))
+        self._merge_moments(n_b, np.asarray(mean_b, np.float64),
+                            np.asarray(scatter_b, np.float64))
+
+    def merge(self, other: FeatureStats) -> None:
+        """Folds another accumulator (e.g. from another host) into this one."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge stats of dim {other.dim} into dim {self.dim}")
+        if other.count:
+            self._merge_moments(other.count, other._mean, other._scatter)
+
+    @property
+    def mu(self) -> np.ndarray:
+        return self._mean.copy()
+
+    @property
+    def cov(self) -> np.ndarray:
+        """Unbiased sample covariance (ddof=1), as numpy.cov computes it."""
+        if self.count < 2:
+            raise ValueError(f"covariance needs at least 2 samples, have {self.count}")
+        return self._scatter / (self.count - 1)
+
+
+def stats_from_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One-shot (mu [D], cov [D, D]) of features [N, D] in float64."""
+    f = np.asarray(features, np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"need features of shape [N >= 2, D], got {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def _sqrtm_psd_product(cov1: np.ndarray, cov2: np.ndarray) -> np.ndarray:
+    """tr-compatible square root of cov1 @ cov2 through scipy, nudging singular inputs."""
+    covmean = scipy.linalg.sqrtm(cov1 @ cov2)
+    if not np.all(np.isfinite(covmean)):
+        # Near-singular covariances (fewer samples than dimensions) make sqrtm blow up;
+        # adding a small ridge to both keeps the product well conditioned.
+        offset = np.eye(cov1.shape[0]) * 1e-6
+        covmean = scipy.linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
+    return covmean
+
+
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray,
+                     cov2: np.ndarray, method: str = "eigh") -> float:
+    """Squared Fréchet distance between N(mu1, cov1) and N(mu2, cov2).
+
+    method="eigh" uses tr((C1 C2)^{1/2}) = sum sqrt(eig(sqrt(C1) C2 sqrt(C1))), where
+    the inner matrix is symmetric PSD, so only symmetric eigendecompositions are needed
+    (stable, no complex arithmetic). method="sqrtm" uses scipy.linalg.sqrtm on C1 C2 and
+    drops a negligible imaginary part, as the reference FID code does.
+    """
+    mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
+    mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
+    cov1 = np.atleast_2d(np.asarray(cov1, np.float64))
+    cov2 = np.atleast_2d(np.asarray(cov2, np.float64))
+    d = mu1.shape[0]
+    if mu2.shape != (d,) or cov1.shape != (d, d) or cov2.shape != (d, d):
+        raise ValueError(f"shape mismatch: mu1 {mu1.shape}, mu2 {mu2.shape}, "
+                         f"cov1 {cov1.shape}, cov2 {cov2.shape}")
+    diff = mu1 - mu2
+    if method == "eigh":
+        # Symmetrise: accumulated covariances carry rounding asymmetry.
+        c1 = 0.5 * (cov1 + cov1.T)
+        c2 = 0.5 * (cov2 + cov2.T)
+        w, v = np.linalg.eigh(c1)
+        sqrt_c1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+        inner = sqrt_c1 @ c2 @ sqrt_c1
+        inner_eigs = np.linalg.eigvalsh(0.5 * (inner + inner.T))
+        tr_covmean = float(np.sum(np.sqrt(np.clip(inner_eigs, 0.0, None))))
+    elif method == "sqrtm":
+        covmean = _sqrtm_psd_product(cov1, cov2)
+        if np.iscomplexobj(covmean):
+            max_imag = np.max(np.abs(covmean.imag))
+            if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+                raise ValueError(f"sqrtm produced a large imaginary component {max_imag:.3g}")
+            covmean = covmean.real
+        tr_covmean = float(np.trace(covmean))
+    else:
+        raise ValueError(f"unknown method {method!r}; expected 'eigh' or 'sqrtm'")
+    value = float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_covmean)
+    # Rounding can push identical distributions a hair below zero.
+    return max(value, 0.0)
+
+
+def save_stats(path: str, mu: np.ndarray, cov: np.ndarray, **extra: np.ndarray) -> None:
+    """Writes mu, cov (and any extra arrays) to an .npz file atomically."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, mu=mu, cov=cov, **extra)
+    os.replace(tmp, path)
+
+
+def load_stats(path: str) -> dict[str, np.ndarray]:
+    """Reads an .npz written by save_stats; checks that mu and cov are present."""
+    with np.load(path, allow_pickle=False) as data:
+        out = {k: data[k] for k in data.files}
+    for key in ("mu", "cov"):
+        if key not in out:
+            raise ValueError(f"{path} has no {key!r} array; not a feature-statistics file")
+    return out
