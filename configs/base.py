@@ -31,6 +31,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     # DiT: a named variant ("S/2" ... "XL/8"); non-zero sizes override the variant's.
     c.model.dit = ml_collections.ConfigDict(dict(variant="S/2", hidden_size=0, depth=0,
                                                  num_heads=0))
+    # KL autoencoder (model.name "vae", train.objective "vae"); defaults: SD's VAE.
+    # Downsampling factor f = 2 ** (len(block_out_channels) - 1).
+    c.model.vae = ml_collections.ConfigDict(dict(
+        latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        norm_num_groups=32, mid_attention=True))
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"       # linear | cosine | scaled_linear | sigmoid
@@ -71,6 +76,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.sample_every = 2000           # 0 = never during training
     c.train.eval_every = 0                # 0 = never during training
+    c.train.fsdp = False                  # shard params/EMA/optimizer over `data` (FSDP)
+    c.train.peak_tflops = 0.0             # device peak for MFU in the logs; 0 = no MFU
 
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "ddim"
@@ -82,7 +89,42 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.sample.variance = "small"           # DDPM: small | large | learned
     c.sample.guidance_scale = 1.0         # classifier-free guidance w (class models)
     c.sample.clip_x0 = 1.0                # 0 = no clipping
+    c.sample.dynamic_threshold = 0.0      # percentile p in (0, 1) of |x0|; 0 = off
+    # DPM-Solver / DPM-Solver++
+    c.sample.skip_type = "logSNR"         # logSNR | time_uniform | time_quadratic
+    c.sample.lower_order_final = True
+    c.sample.denoise_to_zero = False
+    # Euler / Heun / Euler ancestral (Karras et al. 2022); sigmas are VE noise levels
+    c.sample.sigma_schedule = "karras"    # karras | timesteps
+    c.sample.sigma_min = 0.0              # 0 = the schedule's trained range
+    c.sample.sigma_max = 0.0
+    c.sample.rho = 7.0
+    c.sample.s_churn = 0.0
+    c.sample.s_tmin = 0.0
+    c.sample.s_tmax = float("inf")
+    c.sample.s_noise = 1.0
+    c.sample.ancestral_eta = 1.0
+    c.sample.plms_warmup = "pseudo_euler"  # pseudo_euler | prk | lower_order
+    c.sample.consistency_sigmas = ()      # intermediate sigmas of multistep consistency
     c.sample.seed = 0
+
+    # Training the autoencoder (train.objective "vae"), after LDM's loss: see
+    # diffusion.vae_losses. The optimizer of the discriminator is `optim`'s.
+    c.vae_loss = ml_collections.ConfigDict()
+    c.vae_loss.rec_kind = "l1"            # l1 | l2, summed per image
+    c.vae_loss.kl_weight = 1e-6
+    c.vae_loss.disc = True                # PatchGAN term; False = rec + KL only
+    c.vae_loss.disc_start = 50001         # step at which the adversarial terms start
+    c.vae_loss.disc_weight = 0.5          # times LDM's adaptive weight
+    c.vae_loss.disc_channels = 64
+    c.vae_loss.disc_layers = 3
+    c.vae_loss.disc_norm = "group"        # group | none
+
+    # Latent diffusion (data.source "latents:<dir>"): the VAE that decodes samples.
+    # Set one of the two; both "" for pixel-space models.
+    c.latent = ml_collections.ConfigDict()
+    c.latent.vae_workdir = ""             # a workdir of train.objective "vae" (EMA params)
+    c.latent.vae_weights = ""             # a diffusers VAE folder or weight file
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 1000

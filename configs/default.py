@@ -13,8 +13,9 @@ from configs.base import get_base_config, is_tiny, make_tiny
 def get_config(arg: str = ""):
     c = get_base_config()
     c.data.source = "fashion_mnist_idx"
-    c.data.global_batch_size = 64
-    c.model.unet.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,),
+    # Sized for 2 CPU cores: about 0.4 CPU-seconds per step (28 -> 14 -> 7, attention at 7).
+    c.data.global_batch_size = 32
+    c.model.unet.update(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,),
                         num_heads=4, dropout=0.0)
     c.diffusion.schedule = "cosine"
     c.optim.lr = 1e-3
@@ -25,6 +26,8 @@ def get_config(arg: str = ""):
     c.train.log_every = 50
     c.train.checkpoint_every = 500
     c.train.sample_every = 1000
+    c.train.eval_every = 3000
+    c.eval.num_samples = 500
     c.sample.sampler = "ddim"
     c.sample.num_steps = 50
     c.sample.num_samples = 64

@@ -151,3 +151,16 @@ def test_sigterm_saves_then_sigkill_resumes_then_sample(tmp_path):
     data = np.load(os.path.join(wd, npz[0]))
     assert data["images"].shape == (5, 8, 8, 3) and data["images"].dtype == np.uint8
     assert os.path.exists(os.path.join(wd, npz[0][:-4] + ".png"))
+
+
+def test_periodic_evaluation_writes_sample_quality(tmp_path):
+    cfg = get_config("runlocal")
+    cfg.train.sample_every = 0
+    cfg.train.eval_every = 4
+    cfg.eval.num_samples = 16
+    loop.train_and_evaluate(cfg, str(tmp_path))
+    rows = _read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl"))
+    evals = [r for r in rows if "eval/fid_classifier@16" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 4
+    assert np.isfinite(evals[0]["eval/fid_classifier@16"]) and evals[0]["eval/num_samples"] == 16
+    assert any(f.startswith("ref_stats_classifier_test_8x8") for f in os.listdir(tmp_path))

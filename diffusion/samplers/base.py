@@ -7,9 +7,10 @@ that runs its whole loop inside one `lax.scan`, so one `jax.jit` around it compi
 the loop once. The noise of sample i is drawn from fold_in(key, sample_offset + i) alone,
 so a sample does not change with batch size or device count.
 
-Image-to-image (`x_init`, `strength` in (0, 1]): a sampler keeps only the steps of its
-grid with t <= strength and starts from q_sample(x_init, t_first), t_first the first
-kept time, with the same per-sample noise (salt 0) that x_T would have used.
+Image-to-image (`x_init`, `strength` in (0, 1]; the samplers built on `plan`): a sampler
+keeps only the steps of its grid with t <= strength and starts from q_sample(x_init,
+t_first), t_first the first kept time, with the same per-sample noise (salt 0) that x_T
+would have used. `check_img2img` and `img2img_start` are the shared pieces.
 """
 from __future__ import annotations
 
@@ -43,11 +44,19 @@ def timesteps(T: int, num_steps: int, spacing: str = "trailing") -> np.ndarray:
     return np.sort(np.unique(idx))[::-1].copy()
 
 
-def time_pairs(schedule, num_steps: int, spacing: str):
-    """(t, s) float32 arrays [N]: each step goes from t to s < t; the last s is 0."""
+def time_pairs(schedule, num_steps: int, spacing: str, strength: float = 1.0):
+    """(t, s) float32 arrays [N]: each step goes from t to s < t; the last s is 0.
+
+    strength < 1 (image-to-image) keeps only the steps with t <= strength."""
     idx = timesteps(schedule.T, num_steps, spacing)
     t = (idx + 1.0) / schedule.T
     s = np.concatenate([t[1:], [0.0]])
+    if strength < 1.0:
+        keep = t <= strength + 1e-6
+        if not keep.any():
+            raise ValueError(f"strength {strength} leaves no sampling step; the lowest "
+                             f"step starts at t={t.min():.4g}")
+        t, s = t[keep], s[keep]
     return jnp.asarray(t, jnp.float32), jnp.asarray(s, jnp.float32)
 
 
@@ -93,3 +102,12 @@ def img2img_start(schedule, x_init: jnp.ndarray, t_start: float, keys: jax.Array
     eps = per_sample_normal(keys, tuple(x_init.shape[1:]), 0)
     t = jnp.full((x_init.shape[0],), t_start, jnp.float32)
     return q_sample(schedule, x_init.astype(jnp.float32), t, eps)
+
+
+def start_state(schedule, keys: jax.Array, shape: tuple, x_T=None, x_init=None,
+                t_start=1.0) -> jnp.ndarray:
+    """The sampler's state at its first time t_start: x_T (given or N(0, I)), or for
+    image-to-image x_init noised to t_start."""
+    if x_init is not None:
+        return img2img_start(schedule, x_init, t_start, keys, shape)
+    return initial_noise(keys, shape, x_T)

@@ -9,16 +9,18 @@ import jax.numpy as jnp
 
 from diffusion.denoiser import Denoiser
 from diffusion.forward_process import expand
-from diffusion.samplers.base import initial_noise, per_sample_normal, sample_keys, time_pairs
+from diffusion.samplers.base import (check_img2img, per_sample_normal, sample_keys,
+                                     start_state, time_pairs)
 
 
 def sample(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, y=None,
-           guidance=None, x_T=None, sample_offset=0, eta: float = 0.0,
+           guidance=None, x_T=None, sample_offset=0, x_init=None, strength: float = 1.0, eta: float = 0.0,
            spacing: str = "trailing") -> jnp.ndarray:
+    check_img2img(shape, x_T, x_init, strength)
     sched = denoiser.schedule
-    t_all, s_all = time_pairs(sched, num_steps, spacing)
+    t_all, s_all = time_pairs(sched, num_steps, spacing, strength)
     keys = sample_keys(key, shape[0], sample_offset)
-    x = initial_noise(keys, shape, x_T)
+    x = start_state(sched, keys, shape, x_T, x_init, t_all[0])
     b = shape[0]
 
     def step(x, inp):

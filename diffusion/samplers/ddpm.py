@@ -15,22 +15,24 @@ from diffusion.denoiser import Denoiser
 from diffusion.forward_process import (expand, posterior_log_variance_clipped,
                                        posterior_mean_log_variance)
 from diffusion.learned_variance import interpolated_log_variance
-from diffusion.samplers.base import initial_noise, per_sample_normal, sample_keys, time_pairs
+from diffusion.samplers.base import (check_img2img, per_sample_normal, sample_keys,
+                                     start_state, time_pairs)
 
 VARIANCES = ("small", "large", "learned")
 
 
 def sample(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, y=None,
-           guidance=None, x_T=None, sample_offset=0, variance: str = "small",
+           guidance=None, x_T=None, sample_offset=0, x_init=None, strength: float = 1.0, variance: str = "small",
            spacing: str = "trailing") -> jnp.ndarray:
     if variance not in VARIANCES:
         raise ValueError(f"unknown DDPM variance {variance!r}; known: {VARIANCES}")
     if variance == "learned" and not denoiser.learned_sigma:
         raise ValueError("variance='learned' needs a model trained with learned sigma")
+    check_img2img(shape, x_T, x_init, strength)
     sched = denoiser.schedule
-    t_all, s_all = time_pairs(sched, num_steps, spacing)
+    t_all, s_all = time_pairs(sched, num_steps, spacing, strength)
     keys = sample_keys(key, shape[0], sample_offset)
-    x = initial_noise(keys, shape, x_T)
+    x = start_state(sched, keys, shape, x_T, x_init, t_all[0])
     b = shape[0]
 
     def step(x, inp):

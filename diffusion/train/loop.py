@@ -20,7 +20,7 @@ import numpy as np
 
 from diffusion import images, parallel
 from diffusion.data import BatchIterator
-from diffusion.train import sampling
+from diffusion.train import latent_decoding, sampling
 from diffusion.train.setup import Run, build_run, write_config
 from diffusion.writers import MetricWriter, Progress
 
@@ -50,11 +50,14 @@ def _train_step_fn(run: Run):
 
 
 def sample_fn_for(run: Run, sampler: str, num_steps: int, batch_size: int):
-    return sampling.make_sample_fn(
+    """fn(params, key, offset, guidance) -> images; a latent run's latents are decoded
+    by its VAE (loaded here, once) right after each sampling call."""
+    fn = sampling.make_sample_fn(
         lambda params: run.objective.denoiser(run, params), image_shape=run.image_shape,
         num_classes=run.num_classes, sampler=sampler, num_steps=num_steps,
         batch_size=batch_size, mesh=run.mesh,
         options=sampling.sampler_options(run.config.sample, sampler))
+    return latent_decoding.decoding_sample_fn(run, fn)
 
 
 def restore_or_init(run: Run):
@@ -98,12 +101,23 @@ def _save(run: Run, state, step: int, data_step: int) -> None:
 
 
 def _write_samples(run: Run, writer: MetricWriter, sample_fn, state, step: int) -> None:
+    """Sample grids from the EMA and raw params, or the objective's own images."""
     c = run.config
-    key = jax.random.key(c.sample.seed)
-    for tag, params in (("samples_ema", state.ema_params), ("samples_raw", state.params)):
-        x = sampling.generate(sample_fn, params, key, c.sample.num_samples,
-                              c.sample.batch_size, c.sample.guidance_scale)
-        grid = images.make_grid(x)
+    visualize = getattr(run.objective, "visualize", None)
+    if visualize is not None:
+        pictures = visualize(run, state)
+    else:
+        key = jax.random.key(c.sample.seed)
+        pictures = {tag: sampling.generate(sample_fn, params, key, c.sample.num_samples,
+                                           c.sample.batch_size, c.sample.guidance_scale)
+                    for tag, params in (("samples_ema", state.ema_params),
+                                        ("samples_raw", state.params))}
+    k = run.num_classes if visualize is None else 0  # sample i has label i % k
+    for tag, x in pictures.items():
+        nrow = None
+        if k and np.ndim(x) == 4 and len(x) % k == 0:  # one row per class
+            x, nrow = x[np.argsort(np.arange(len(x)) % k, kind="stable")], len(x) // k
+        grid = images.make_grid(x, nrow) if np.ndim(x) == 4 else x
         writer.write_images(step, {tag: grid})
         if jax.process_index() == 0:
             os.makedirs(os.path.join(run.workdir, "samples"), exist_ok=True)
@@ -136,6 +150,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     sample_bs = int(math.ceil(sample_bs / run.mesh.devices.size) * run.mesh.devices.size)
     sample_fn = sample_fn_for(run, c.sample.sampler, c.sample.num_steps, sample_bs)
 
+    evaluate = None
+    if c.train.eval_every:
+        from diffusion.train.evaluator import make_evaluator
+        evaluate = make_evaluator(run, sample_fn_for)
+
     batch = parallel.global_batch(next(batches), run.mesh)
     t0 = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
@@ -163,6 +182,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 batch = parallel.global_batch(next(batches), run.mesh)
             if c.train.sample_every and step % c.train.sample_every == 0:
                 _write_samples(run, writer, sample_fn, state, step)
+            if evaluate is not None and (step % c.train.eval_every == 0
+                                         or step == c.train.num_steps):
+                scores = evaluate(state.ema_params)
+                writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
+                log.info("step %d eval (EMA, %s %d steps): %s", step, c.eval.sampler,
+                         c.eval.num_steps, scores)
             if step % c.train.checkpoint_every == 0 or step == c.train.num_steps:
                 _save(run, state, step, data_step + step - start)
             if sigterm.received:
@@ -194,6 +219,9 @@ def _log(pending, writer, progress, c, flops_per_step, compile_s, t_log, step_lo
         values["images_per_s"] = values["steps_per_s"] * c.data.global_batch_size
         if flops_per_step:
             values["tflops_per_s"] = values["steps_per_s"] * flops_per_step / 1e12
+            # XLA's cost is of the per-device program, so this is one device's MFU.
+            if c.train.get("peak_tflops", 0.0) > 0:
+                values["mfu"] = values["tflops_per_s"] / c.train.peak_tflops
     if compile_s is not None:
         values["compile_time_s"] = compile_s
     writer.write_scalars(step, values)

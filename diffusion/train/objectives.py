@@ -14,14 +14,19 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 from diffusion.denoiser import Denoiser
+from diffusion.samplers.options import with_dynamic_thresholding
 from diffusion.train.step import make_train_step
 
 
 class Objective(NamedTuple):
+    """See the module docstring. visualize(run, state) -> {tag: images}, optional:
+    when set, the loop writes its images (uint8 grids [H, W, C], or [N, H, W, C] that
+    it tiles) instead of sample grids, e.g. an autoencoder's reconstructions."""
     make_step: Callable
     init_aux: Callable
     prepare: Callable
     denoiser: Callable
+    visualize: Callable | None = None
 
 
 def _diffusion_step(run):
@@ -42,8 +47,11 @@ def diffusion_denoiser(run, params) -> Denoiser:
     def net_fn(x, c_noise, y):
         return run.model.apply({"params": params}, x, c_noise, y, train=False)
     clip = c.sample.clip_x0 if c.sample.clip_x0 > 0 else None
-    return Denoiser(net_fn, run.schedule, c.diffusion.pred_type, c.diffusion.learned_sigma,
-                    clip)
+    denoiser = Denoiser(net_fn, run.schedule, c.diffusion.pred_type,
+                        c.diffusion.learned_sigma, clip)
+    if c.sample.dynamic_threshold > 0:
+        denoiser = with_dynamic_thresholding(denoiser, c.sample.dynamic_threshold)
+    return denoiser
 
 
 def _identity(run, state):
@@ -70,3 +78,4 @@ def _register_optional() -> None:
     except ModuleNotFoundError as e:
         if e.name != "diffusion.consistency.objectives":
             raise
+    import diffusion.train.vae_objective  # noqa: F401  (registers "vae" on import)

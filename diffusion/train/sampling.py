@@ -19,13 +19,44 @@ from diffusion.denoiser import Denoiser
 
 
 def sampler_options(sample: ml_collections.ConfigDict, name: str) -> dict:
-    """The options of the config's `sample` section that sampler `name` takes."""
+    """The options of the config's `sample` section that sampler `name` takes.
+
+    Keys newer than a config fall back to the samplers' defaults (`sample.get`), and
+    sigma_min / sigma_max of 0 mean "the sampler's default".
+    """
     name = samplers.canonical_name(name)
-    options = {"spacing": sample.spacing}
+    get = sample.get
+    options = {}
+    if name in ("ddpm", "ddim", "plms", "euler", "heun", "euler_a"):
+        options["spacing"] = sample.spacing
     if name == "ddim":
         options["eta"] = sample.eta
     if name == "ddpm":
         options["variance"] = sample.variance
+    if name == "plms":
+        options["warmup"] = get("plms_warmup", "pseudo_euler")
+    if name.startswith("dpm"):
+        options["skip_type"] = get("skip_type", "logSNR")
+        options["denoise_to_zero"] = bool(get("denoise_to_zero", False))
+        if name in ("dpmpp_2m", "dpmpp_3m"):
+            options["lower_order_final"] = bool(get("lower_order_final", True))
+    if name in ("euler", "heun", "euler_a", "consistency"):
+        for key in ("sigma_min", "sigma_max"):
+            if get(key, 0.0) > 0:
+                options[key] = float(get(key, 0.0))
+        options["rho"] = float(get("rho", 7.0))
+    if name in ("euler", "heun", "euler_a"):
+        options["sigma_schedule"] = get("sigma_schedule", "karras")
+        options["S_noise"] = float(get("s_noise", 1.0))
+    if name in ("euler", "heun"):
+        options["S_churn"] = float(get("s_churn", 0.0))
+        options["S_tmin"] = float(get("s_tmin", 0.0))
+        options["S_tmax"] = float(get("s_tmax", float("inf")))
+    if name == "euler_a":
+        options["eta"] = float(get("ancestral_eta", 1.0))
+    if name == "consistency":
+        sigmas = tuple(get("consistency_sigmas", ()))
+        options["sigmas"] = sigmas if sigmas else None
     return options
 
 

@@ -7,6 +7,7 @@ image shape fails here, in seconds, before anything compiles.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -71,13 +72,16 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     def init_fn(key):
         state = init_state(model, tx, key, image_shape=image_shape, num_classes=num_classes)
         return objective.init_aux(run, state)
-    try:
-        abstract = jax.eval_shape(init_fn, jax.random.key(config.seed))
-    except ValueError as e:  # the model's own shape checks, before any compile
+    key = jax.random.key(config.seed)
+    try:  # the model's own shape checks, by shape only: seconds, before any compile
+        jax.eval_shape(functools.partial(init_state, model, tx, image_shape=image_shape,
+                                         num_classes=num_classes), key)
+    except ValueError as e:
         raise ValueError(f"model {config.model.name!r} cannot take images of shape "
                          f"{image_shape}: {e}") from e
-    repl = parallel.replicated(mesh)
-    state_sharding = jax.tree.map(lambda _: repl, abstract)
+    abstract = jax.eval_shape(init_fn, key)
+    # Replicated, or FSDP-style (train.fsdp): large arrays split over the `data` axis.
+    state_sharding = parallel.state_sharding(abstract, mesh, bool(config.train.fsdp))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, state_sharding)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)

@@ -1,0 +1,138 @@
+"""Host-side (numpy float64) schedule quantities and the time grids samplers step along.
+
+Solver coefficients are fixed numbers once the grid is chosen, so they are computed here
+in float64 from the schedule's table (the same piecewise-linear log alpha_bar as
+`Schedule`'s continuous view) and enter the compiled loop as constants.
+
+Names: lam = logsnr / 2 = log(alpha / sigma) (DPM-Solver's lambda), sigma_ve = sigma /
+alpha = exp(-lam) (the variance-exploding noise level of Karras et al.).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from diffusion.samplers.base import timesteps
+
+SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic")
+SIGMA_SCHEDULES = ("karras", "timesteps")
+# Floor of alpha_bar inside logarithms, as in `Schedule` (zero-terminal-SNR tables hit 0).
+_MIN_ALPHA_BAR = 1e-20
+
+
+def _grid(schedule):
+    t = np.arange(schedule.T + 1, dtype=np.float64) / schedule.T
+    ab = np.concatenate([[1.0], np.asarray(schedule.alpha_bar_table, np.float64)])
+    return t, np.log(np.maximum(ab, _MIN_ALPHA_BAR))
+
+
+def log_alpha_bar(schedule, t) -> np.ndarray:
+    grid_t, grid_log_ab = _grid(schedule)
+    return np.interp(np.asarray(t, np.float64), grid_t, grid_log_ab)
+
+
+def alpha(schedule, t) -> np.ndarray:
+    return np.exp(0.5 * log_alpha_bar(schedule, t))
+
+
+def sigma(schedule, t) -> np.ndarray:
+    return np.sqrt(-np.expm1(log_alpha_bar(schedule, t)))
+
+
+def lam(schedule, t) -> np.ndarray:
+    """Half log-SNR log(alpha / sigma); +inf at t = 0."""
+    log_ab = log_alpha_bar(schedule, t)
+    with np.errstate(divide="ignore"):
+        return 0.5 * (log_ab - np.log(-np.expm1(log_ab)))
+
+
+def t_from_lam(schedule, lam_) -> np.ndarray:
+    """Inverse of lam(t), exact for the piecewise-linear log alpha_bar."""
+    grid_t, grid_log_ab = _grid(schedule)
+    log_ab = -np.logaddexp(0.0, -2.0 * np.asarray(lam_, np.float64))  # log sigmoid(2 lam)
+    return np.interp(log_ab, grid_log_ab[::-1], grid_t[::-1])
+
+
+def ve_sigma(schedule, t) -> np.ndarray:
+    return np.exp(-lam(schedule, t))
+
+
+def t_from_ve_sigma(schedule, sigma_ve) -> np.ndarray:
+    return t_from_lam(schedule, -np.log(np.asarray(sigma_ve, np.float64)))
+
+
+def ve_sigma_range(schedule) -> tuple[float, float]:
+    """(sigma_ve at t = 1/T, sigma_ve at t = 1): the noise levels the model was trained on."""
+    return float(ve_sigma(schedule, 1.0 / schedule.T)), float(ve_sigma(schedule, 1.0))
+
+
+def dpm_solver_times(schedule, num_intervals: int, skip_type: str = "logSNR",
+                     t_T: float = 1.0, t_0: float | None = None) -> np.ndarray:
+    """num_intervals + 1 descending times from t_T to t_0 (default 1/T), DPM-Solver style.
+
+    logSNR: uniform in lam; time_uniform: uniform in t; time_quadratic: uniform in sqrt(t).
+    """
+    if num_intervals < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_intervals}")
+    t_0 = 1.0 / schedule.T if t_0 is None else t_0
+    if not 0.0 < t_0 < t_T <= 1.0:
+        raise ValueError(f"need 0 < t_0 < t_T <= 1, got t_0={t_0}, t_T={t_T}")
+    if skip_type == "logSNR":
+        lams = np.linspace(lam(schedule, t_T), lam(schedule, t_0), num_intervals + 1)
+        t = t_from_lam(schedule, lams)
+    elif skip_type == "time_uniform":
+        t = np.linspace(t_T, t_0, num_intervals + 1)
+    elif skip_type == "time_quadratic":
+        t = np.linspace(np.sqrt(t_T), np.sqrt(t_0), num_intervals + 1) ** 2
+    else:
+        raise ValueError(f"unknown skip_type {skip_type!r}; known: {SKIP_TYPES}")
+    t[0], t[-1] = t_T, t_0  # exact end points despite the round trip through lam
+    return t
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float,
+                  rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022) eq. 5: num_steps descending levels from sigma_max to sigma_min,
+    (smax^(1/rho) + i / (N - 1) (smin^(1/rho) - smax^(1/rho)))^rho."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0.0 < sigma_min <= sigma_max:
+        raise ValueError(f"need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
+    if num_steps == 1:
+        return np.array([sigma_max], np.float64)
+    hi, lo = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
+    return (hi + np.arange(num_steps) / (num_steps - 1) * (lo - hi)) ** rho
+
+
+def ve_sigmas(schedule, num_steps: int, sigma_schedule: str = "karras", *,
+              sigma_min: float | None = None, sigma_max: float | None = None,
+              rho: float = 7.0, spacing: str = "trailing") -> np.ndarray:
+    """num_steps descending VE noise levels followed by 0 (shape [num_steps + 1]).
+
+    karras: eq. 5 between sigma_min and sigma_max (default: the schedule's trained range,
+    and values outside it are clipped into it, since the network has never seen them);
+    timesteps: sigma_ve at the discrete steps `timesteps(T, num_steps, spacing)`.
+    """
+    lo, hi = ve_sigma_range(schedule)
+    if sigma_schedule == "karras":
+        s_min = lo if sigma_min is None else float(np.clip(sigma_min, lo, hi))
+        s_max = hi if sigma_max is None else float(np.clip(sigma_max, lo, hi))
+        sig = karras_sigmas(num_steps, s_min, s_max, rho)
+    elif sigma_schedule == "timesteps":
+        idx = timesteps(schedule.T, num_steps, spacing)
+        sig = ve_sigma(schedule, (idx + 1.0) / schedule.T)
+    else:
+        raise ValueError(f"unknown sigma_schedule {sigma_schedule!r}; "
+                         f"known: {SIGMA_SCHEDULES}")
+    return np.concatenate([sig, [0.0]])
+
+
+def truncate_for_strength(times: np.ndarray, strength: float) -> np.ndarray:
+    """Image-to-image: keep the descending grid points with t <= strength (a 1e-6 slack
+    absorbs float error). The first kept point is where the image is noised to."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    kept = times[times <= strength + 1e-6]
+    if kept.size < 2 or kept[0] <= 0.0:
+        raise ValueError(f"strength {strength} leaves no sampling step on this grid; "
+                         f"the lowest step starts at t={times[times > 0].min():.4g}")
+    return kept
