@@ -19,6 +19,9 @@ under 'image'.
 
 CLI sketch:
   python -m diffusion.latents --vae PATH --source fashion_mnist_idx --image_size 32 --out DIR
+PATH is a diffusers VAE (folder or weight file; its scaling_factor is kept) or the
+workdir of a VAE trained here (train.objective "vae"; EMA params of its newest
+checkpoint, scale factor measured from the data).
 """
 from __future__ import annotations
 
@@ -272,7 +275,8 @@ class LatentSource:
 def main(argv: list[str] | None = None) -> None:
     """Encode a data-layer source with a diffusers-format VAE (see module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--vae", required=True, help="diffusers VAE folder or weight file")
+    p.add_argument("--vae", required=True, help="diffusers VAE folder or weight file, or "
+                   "the workdir of a VAE trained with train.objective='vae'")
     p.add_argument("--source", required=True, help="data source name (diffusion.data)")
     p.add_argument("--split", default="train")
     p.add_argument("--data_dir", default=None)
@@ -292,13 +296,21 @@ def main(argv: list[str] | None = None) -> None:
     from diffusion.data import make_source
 
     source = make_source(args.source, args.split, args.data_dir)
-    vae, params, vae_scale = load_sd_vae(args.vae)
+    if os.path.isdir(os.path.join(args.vae, "checkpoints")):  # a training workdir
+        from diffusion.train.latent_decoding import load_vae_workdir
+        vae, params = load_vae_workdir(args.vae, jax.local_devices()[:1])
+        vae_scale = None  # our VAEs carry no scale: measure 1 / std(z) on the data
+    else:
+        vae, params, vae_scale = load_sd_vae(args.vae)
 
+    # Params are an argument, not closure constants baked into the program (an 84M-
+    # parameter VAE as HLO constants compiles slowly).
     @jax.jit
-    def encode_fn(x):
+    def encode(variables, x):
         if x.shape[-1] == 1 and vae.in_channels == 3:
             x = jnp.repeat(x, 3, axis=-1)  # grayscale data through an RGB VAE
-        return vae.apply({"params": params}, x, method="encode")
+        return vae.apply(variables, x, method="encode")
+    encode_fn = lambda x: encode({"params": params}, x)
 
     size = (args.image_size, args.image_size) if args.image_size else None
     manifest = encode_dataset(source, encode_fn, args.out, args.shard_size, args.batch_size,

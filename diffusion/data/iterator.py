@@ -10,6 +10,8 @@ The data order is a pure function of (seed, step):
     global batch position.
 Hence resuming is `start_step=k` (checkpoint `.step`), and with several processes each
 takes its contiguous slice [p*B/P, (p+1)*B/P) of the same global batch.
+Float sources (a LatentSource of VAE latents) are passed through as float32, unscaled
+and never flipped: a mirrored latent is not the latent of the mirrored image.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ import numpy as np
 
 from diffusion.data.resize import as_size
 from diffusion.data.sources import ArraySource, Source
+from diffusion.latents import LatentSource
 
 
 class BatchIterator:
     """Yields dict(image=float32 [B_local, H, W, C] in [-1, 1], label=int32 [B_local]).
+
+    uint8 sources are mapped to [-1, 1]; float sources (latents) pass through unchanged.
 
     global_batch_size: B, summed over processes; must be divisible by process_count.
     image_size: int or (H, W); images are center-cropped/resized bilinearly to it
@@ -59,6 +64,10 @@ class BatchIterator:
             raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
         if len(source) == 0:
             raise ValueError(f"{source!r} is empty")
+        if random_flip and isinstance(source, LatentSource):
+            raise ValueError(f"random_flip with the latent dataset {source!r}: flipping a "
+                             "latent does not flip its image; set data.random_flip=False "
+                             "(flip images before encoding instead)")
 
         h, w, _ = source.image_shape
         self._image_size = None
@@ -145,6 +154,12 @@ class BatchIterator:
         data = self.source.get(indices, self._image_size) if self._image_size else \
             self.source.get(indices)
         images = data["image"]
+        if np.issubdtype(images.dtype, np.floating):  # latents: already model inputs
+            if self.random_flip:
+                raise ValueError(f"random_flip with float (latent) images from "
+                                 f"{self.source!r}; set random_flip=False")
+            return dict(image=np.asarray(images, np.float32),
+                        label=np.asarray(data["label"], np.int32))
         if self.random_flip:
             flips = self.flips_at(step)[:len(indices)]
             images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)

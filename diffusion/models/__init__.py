@@ -1,7 +1,8 @@
 """Denoising networks (U-Net, DiT) and the autoencoder, and `build_model` from a config.
 
 Networks take explicit hyperparameters; `build_model` is the one place that reads the
-`model` section of a config. MODELS is the explicit registry of denoisers.
+`model` section of a config. MODELS is the explicit registry of networks (denoisers,
+and "vae", the KL autoencoder that train.objective "vae" trains).
 """
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import ml_collections
 
 from diffusion.models.dit import DiT, dit_variant
 from diffusion.models.unet import UNet
+from diffusion.models.vae_trainable import TrainableAutoencoderKL
 
-MODELS = {"unet": UNet, "dit": DiT}
+MODELS = {"unet": UNet, "dit": DiT, "vae": TrainableAutoencoderKL}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def build_model(model: ml_collections.ConfigDict, image_shape: tuple, num_classes: int,
                 learned_sigma: bool = False):
-    """The denoiser for images of `image_shape` (H, W, C)."""
+    """The network for images of `image_shape` (H, W, C): a denoiser, or for
+    model.name "vae" the KL autoencoder (train.objective "vae")."""
     if model.name not in MODELS:
         raise ValueError(f"unknown model.name {model.name!r}; known: {sorted(MODELS)}")
     if model.dtype not in DTYPES:
@@ -25,6 +28,17 @@ def build_model(model: ml_collections.ConfigDict, image_shape: tuple, num_classe
     h, w, c = image_shape
     out_channels = 2 * c if learned_sigma else c
     dtype = DTYPES[model.dtype]
+    if model.name == "vae":
+        if learned_sigma or num_classes > 0:
+            raise ValueError("model 'vae' (the KL autoencoder) is unconditional and has no "
+                             "variance output: set conditioning.num_classes=0 and "
+                             "diffusion.learned_sigma=False")
+        v = model.vae
+        return TrainableAutoencoderKL(
+            in_channels=c, out_channels=c, latent_channels=v.latent_channels,
+            block_out_channels=tuple(v.block_out_channels),
+            layers_per_block=v.layers_per_block, norm_num_groups=v.norm_num_groups,
+            mid_attention=v.mid_attention, dtype=dtype)
     if model.name == "unet":
         return UNet(**model.unet.to_dict(), out_channels=out_channels, num_classes=num_classes,
                     remat=model.remat, dtype=dtype)

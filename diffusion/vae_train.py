@@ -1,0 +1,133 @@
+"""The autoencoder's train step: a pure function (state, batch) -> (state, metrics).
+
+One step, for images x [B, H, W, C] in [-1, 1]:
+  1. the autoencoder: x_hat = D(z), z ~ q(z|x); minimise
+       L_G = rec(x, x_hat) + kl_weight * KL + [step >= disc_start] * lambda * (-mean P(x_hat))
+     (diffusion.vae_losses; lambda is LDM's adaptive weight), EMA of its params;
+  2. the PatchGAN P, from step disc_start on: minimise the hinge loss on x and on the
+     same x_hat (held constant). Before disc_start it is skipped (lax.cond), so its
+     optimizer state, learning-rate warm-up included, starts at disc_start.
+state.params are the autoencoder's; state.aux = {"disc": params, "disc_opt": optimizer
+state} (empty without a discriminator). Metrics include PSNR and SSIM of x_hat on the
+batch (x_hat clipped to [-1, 1]).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffusion.image_metrics import psnr, ssim
+from diffusion.models.vae import AutoencoderKL
+from diffusion.train.state import TrainState, ema_decay, ema_update
+from diffusion.vae_losses import (NLayerDiscriminator, adaptive_weight, disc_factor,
+                                  generator_adv_loss, kl_divergence, last_layer_grad,
+                                  reconstruction_loss, vae_discriminator_loss)
+
+
+def generator_loss(vae: AutoencoderKL, vae_variables: dict,
+                   disc: NLayerDiscriminator | None, disc_variables: dict | None,
+                   x: jnp.ndarray, key: jax.Array, step: jnp.ndarray, *, rec_kind: str,
+                   kl_weight: float, disc_weight: float, disc_start: int):
+    """L_G -> (loss, (metrics, x_hat)). The same value as vae_losses.vae_generator_loss
+    (a test holds them equal), but it also hands back x_hat, which the discriminator
+    step and the metrics reuse instead of running the autoencoder a second time."""
+    x_hat, mean, logvar, feats = vae.apply(vae_variables, x, sample_posterior=True,
+                                           return_features=True, rngs={"sample": key})
+    rec_fn = lambda xh: jnp.mean(reconstruction_loss(x, xh, rec_kind))
+    rec = rec_fn(x_hat)
+    kl = jnp.mean(kl_divergence(mean, logvar))
+    loss = rec + kl_weight * kl
+    metrics = {"rec_loss": rec, "kl": kl}
+    if disc is not None:
+        gen_fn = lambda xh: generator_adv_loss(disc.apply(disc_variables, xh))
+        g_loss = gen_fn(x_hat)
+        kernel = vae_variables["params"]["decoder"]["conv_out"]["kernel"]
+        d_weight = adaptive_weight(last_layer_grad(rec_fn, x_hat, feats, kernel),
+                                   last_layer_grad(gen_fn, x_hat, feats, kernel),
+                                   disc_weight)
+        factor = disc_factor(step, disc_start)
+        loss = loss + factor * d_weight * g_loss
+        metrics.update(g_loss=g_loss, d_weight=d_weight, disc_factor=factor)
+    metrics["loss"] = loss
+    return loss, (metrics, x_hat)
+
+
+def init_discriminator(disc: NLayerDiscriminator, tx: optax.GradientTransformation,
+                       key: jax.Array, image_shape: tuple) -> dict:
+    """aux for the step: {"disc": params, "disc_opt": tx.init(params)}; call under jit."""
+    params = disc.init(key, jnp.zeros((1,) + tuple(image_shape), jnp.float32))["params"]
+    return {"disc": params, "disc_opt": tx.init(params)}
+
+
+def ssim_window(image_shape: tuple) -> int:
+    """SSIM's 11-tap window, shrunk for images smaller than that (tiny test images)."""
+    return min(11, int(image_shape[0]), int(image_shape[1]))
+
+
+def make_vae_train_step(vae: AutoencoderKL, disc: NLayerDiscriminator | None,
+                        tx: optax.GradientTransformation, lr_fn: optax.Schedule, *,
+                        rec_kind: str = "l1", kl_weight: float = 1e-6,
+                        disc_weight: float = 0.5, disc_start: int = 50_001,
+                        ema_rate: float = 0.9999, ema_warmup: bool = True) -> Callable:
+    """train_step(state, batch) for batch = dict(image [B, H, W, C], ...); labels unused.
+
+    tx serves both networks (LDM gives them the same Adam settings); each has its own
+    optimizer state.
+    """
+
+    def train_step(state: TrainState, batch: dict):
+        x = batch["image"]
+        key = jax.random.fold_in(state.rng, state.step)
+        disc_params = state.aux["disc"] if disc is not None else None
+        disc_vars = {"params": disc_params} if disc is not None else None
+
+        def loss_fn(params):
+            return generator_loss(vae, {"params": params}, disc, disc_vars, x, key,
+                                  state.step, rec_kind=rec_kind, kl_weight=kl_weight,
+                                  disc_weight=disc_weight, disc_start=disc_start)
+
+        (_, (metrics, x_hat)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = ema_decay(state.step, ema_rate, ema_warmup)
+        aux = state.aux
+        if disc is not None:
+            new_disc, new_opt, d_metrics = _discriminator_update(
+                disc, tx, disc_params, state.aux["disc_opt"], x, x_hat, state.step, disc_start)
+            aux = dict(state.aux, disc=new_disc, disc_opt=new_opt)
+            metrics.update(d_metrics)
+        x_img = jnp.clip(x_hat, -1.0, 1.0)
+        metrics.update(
+            psnr=jnp.mean(psnr(x, x_img)),
+            ssim=jnp.mean(ssim(x, x_img, window_size=ssim_window(x.shape[1:3]))),
+            grad_norm=optax.tree.norm(grads), learning_rate=lr_fn(state.step),
+            ema_decay=decay)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  ema_params=ema_update(state.ema_params, params, decay),
+                                  aux=aux)
+        return new_state, metrics
+
+    return train_step
+
+
+def _discriminator_update(disc, tx, disc_params: Any, disc_opt: Any, x: jnp.ndarray,
+                          x_hat: jnp.ndarray, step: jnp.ndarray, disc_start: int):
+    """One optimizer step of the discriminator once step >= disc_start, else nothing."""
+
+    def update(operands):
+        p, opt = operands
+        loss_fn = lambda q: vae_discriminator_loss(disc, {"params": q}, x, x_hat, step,
+                                                   disc_start=disc_start)
+        (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
+        u, opt = tx.update(g, opt, p)
+        return optax.apply_updates(p, u), opt, m
+
+    def skip(operands):
+        p, opt = operands
+        zero = jnp.zeros((), jnp.float32)
+        return p, opt, {"d_loss": zero, "logits_real": zero, "logits_fake": zero}
+
+    return jax.lax.cond(step >= disc_start, update, skip, (disc_params, disc_opt))
