@@ -132,6 +132,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval.num_steps = 50
     c.eval.feature_net = "classifier"     # classifier | inception
     c.eval.feature_weights = ""           # "" = the shipped Fashion-MNIST classifier
+    c.eval.reference_source = ""          # "" = data.source; latent runs need a pixel one
     c.eval.reference_split = "test"
     return c
 

@@ -50,14 +50,22 @@ def _fit_to(images: np.ndarray, net_name: str) -> np.ndarray:
 
 
 def make_evaluator(run: Run, sample_fn_for: Callable) -> Callable:
-    """Returns evaluate(params, step) -> dict of metrics."""
+    """Returns evaluate(params) -> dict of metrics of samples drawn with `params`."""
     from diffusion import evaluation
     c = run.config
     net = feature_network(c.eval.feature_net, c.eval.feature_weights)
-    ref_source = make_source(c.data.source, c.eval.reference_split, c.data.data_dir or None)
+    ref_name = c.eval.reference_source or c.data.source
+    if ref_name.startswith("latents:"):
+        raise ValueError("evaluating a latent-diffusion run needs the pixel dataset its "
+                         "samples are compared with: set eval.reference_source (e.g. "
+                         "fashion_mnist_idx)")
+    same = ref_name == c.data.source  # else (latent runs) at the reference's own size
+    ref_source = make_source(ref_name, c.eval.reference_split,
+                             (c.data.data_dir or None) if same else None)
+    h, w = run.image_shape[:2] if same else ref_source.image_shape[:2]
     cache = os.path.join(run.workdir, f"ref_stats_{net.name}_{c.eval.reference_split}_"
-                         f"{run.image_shape[0]}x{run.image_shape[1]}.npz")
-    batches = BatchIterator(ref_source, 250, 0, shuffle=False, image_size=run.image_shape[:2],
+                         f"{h}x{w}.npz")
+    batches = BatchIterator(ref_source, 250, 0, shuffle=False, image_size=(h, w),
                             num_epochs=1, drop_remainder=False)
     ref = evaluation.reference_stats(net, ({"image": _fit_to(b["image"], net.name)}
                                            for b in batches), cache)
