@@ -163,6 +163,7 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.log_every = 2
     c.train.checkpoint_every = 2
     c.train.sample_every = 4
+    c.train.eval_every = 0
     c.sample.num_steps = 4
     c.sample.num_samples = 8
     c.eval.num_samples = 16

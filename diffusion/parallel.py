@@ -1,7 +1,10 @@
 """Device mesh and shardings for data parallelism (one GPU, eight, or a pod).
 
 One mesh axis, `data`: batches are split along it (P('data')) and parameters are
-replicated (P()). Axis types are given explicitly (Auto) since the default changed
+replicated (P()), or, FSDP-style (`fsdp_sharding`), each large array of the train
+state (params, EMA params, optimizer moments) is split along one of its dimensions over
+the same axis; XLA then inserts the all-gathers before use and reduce-scatters the
+gradients. Axis types are given explicitly (Auto) since the default changed
 between JAX releases, and Explicit axes make shard_map and some ops demand shardings.
 Multi-host: each process holds its slice of the global batch and
 `global_batch` assembles the global array from those slices.
@@ -28,6 +31,49 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
+
+
+# Arrays smaller than this stay replicated under FSDP: biases, norms and tiny kernels
+# cost more in collective latency than they save in memory.
+FSDP_MIN_SIZE = 1024
+
+
+def fsdp_spec(shape: Sequence[int], num_devices: int, min_size: int = FSDP_MIN_SIZE) -> P:
+    """P(...) splitting `shape` over `data` along its largest dimension divisible by
+    num_devices; P() (replicated) for scalars, vectors, arrays of fewer than `min_size`
+    elements, or when no dimension divides. E.g. [1152, 4608] on 8 devices ->
+    P(None, 'data')."""
+    shape = tuple(int(d) for d in shape)
+    if num_devices <= 1 or len(shape) < 2 or int(np.prod(shape)) < min_size:
+        return P()
+    candidates = [i for i, d in enumerate(shape) if d % num_devices == 0]
+    if not candidates:
+        return P()
+    axis = max(candidates, key=lambda i: (shape[i], -i))  # largest; first on ties
+    return P(*(DATA_AXIS if i == axis else None for i in range(len(shape))))
+
+
+def fsdp_sharding(tree: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any:
+    """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs), by
+    `fsdp_spec`. Typed PRNG keys and scalars come out replicated."""
+    n = mesh.devices.size
+    return jax.tree.map(lambda a: NamedSharding(mesh, fsdp_spec(np.shape(a), n, min_size)),
+                        tree)
+
+
+def state_sharding(abstract_state: Any, mesh: Mesh, fsdp: bool) -> Any:
+    """The train state's shardings: all replicated, or FSDP over `data`."""
+    if fsdp:
+        return fsdp_sharding(abstract_state, mesh)
+    repl = replicated(mesh)
+    return jax.tree.map(lambda _: repl, abstract_state)
+
+
+def gathered(tree: Any, mesh: Mesh) -> Any:
+    """`tree` constrained to be replicated, inside a jitted function. Applied to FSDP
+    params before the forward pass, XLA all-gathers each weight before use instead of
+    re-sharding the batch-sharded activations to match the weight's split."""
+    return jax.lax.with_sharding_constraint(tree, replicated(mesh))
 
 
 def check_batch_divisible(global_batch: int, mesh: Mesh, what: str = "batch size") -> None:

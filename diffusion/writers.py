@@ -41,7 +41,9 @@ def _hparam_value(v: Any) -> HParamValue:
     if isinstance(v, (bool, str)):
         return v
     if isinstance(v, (int, float, np.integer, np.floating)):
-        return v.item() if isinstance(v, np.generic) else v
+        v = v.item() if isinstance(v, np.generic) else v
+        # tensorboardX warns on non-finite numbers (e.g. sample.s_tmax = inf): keep as text.
+        return v if math.isfinite(v) else str(v)
     return str(v)
 
 

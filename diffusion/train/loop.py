@@ -44,6 +44,13 @@ def _cost_flops(compiled) -> float:
 
 def _train_step_fn(run: Run):
     step = run.objective.make_step(run)
+    if run.config.train.fsdp:
+        inner = step
+
+        def step(state, batch):
+            # All-gather each FSDP-sharded weight for the step, rather than letting XLA
+            # re-shard the batch-sharded activations to match the weights' split.
+            return inner(state.replace(params=parallel.gathered(state.params, run.mesh)), batch)
     repl, data = parallel.replicated(run.mesh), parallel.data_sharded(run.mesh)
     return jax.jit(step, in_shardings=(run.state_sharding, data),
                    out_shardings=(run.state_sharding, repl), donate_argnums=0)
