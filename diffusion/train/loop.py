@@ -107,7 +107,8 @@ def _save(run: Run, state, step: int, data_step: int) -> None:
                                         "config": run.config.to_json_best_effort()})
 
 
-def _write_samples(run: Run, writer: MetricWriter, sample_fn, state, step: int) -> None:
+def _write_samples(run: Run, writer: MetricWriter, sample_fn, sample_bs: int, state,
+                   step: int) -> None:
     """Sample grids from the EMA and raw params, or the objective's own images."""
     c = run.config
     visualize = getattr(run.objective, "visualize", None)
@@ -116,7 +117,7 @@ def _write_samples(run: Run, writer: MetricWriter, sample_fn, state, step: int) 
     else:
         key = jax.random.key(c.sample.seed)
         pictures = {tag: sampling.generate(sample_fn, params, key, c.sample.num_samples,
-                                           c.sample.batch_size, c.sample.guidance_scale)
+                                           sample_bs, c.sample.guidance_scale)
                     for tag, params in (("samples_ema", state.ema_params),
                                         ("samples_raw", state.params))}
     k = run.num_classes if visualize is None else 0  # sample i has label i % k
@@ -179,16 +180,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             step += 1
             if pending is not None:  # read step k-1 only now that step k is queued
                 last_metrics = _log(pending, writer, progress, c, flops_per_step,
-                                    compile_s if pending[0] == start + 1 else None,
-                                    t_log, step_log)
+                                    compile_s, t_log, step_log)
                 t_log, step_log = time.perf_counter(), pending[0]
-                pending = None
+                pending, compile_s = None, None  # compile time: with the first log only
             if step % c.train.log_every == 0 or step == c.train.num_steps:
                 pending = (step, metrics)
             if step < c.train.num_steps:
                 batch = parallel.global_batch(next(batches), run.mesh)
             if c.train.sample_every and step % c.train.sample_every == 0:
-                _write_samples(run, writer, sample_fn, state, step)
+                _write_samples(run, writer, sample_fn, sample_bs, state, step)
             if evaluate is not None and (step % c.train.eval_every == 0
                                          or step == c.train.num_steps):
                 scores = evaluate(state.ema_params)
@@ -202,9 +202,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 _save(run, state, step, data_step + step - start)
                 break
     if pending is not None:
-        last_metrics = _log(pending, writer, progress, c, flops_per_step, None, t_log, step_log)
+        last_metrics = _log(pending, writer, progress, c, flops_per_step, compile_s, t_log,
+                            step_log)
     if c.train.sample_every and step == c.train.num_steps and step % c.train.sample_every:
-        _write_samples(run, writer, sample_fn, state, step)
+        _write_samples(run, writer, sample_fn, sample_bs, state, step)
     run.checkpointer.wait()
     run.checkpointer.close()
     batches.close()

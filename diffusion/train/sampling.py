@@ -88,7 +88,10 @@ def make_sample_fn(denoiser_fn: Callable[..., Denoiser], *, image_shape: tuple,
 
 def generate(sample_fn: Callable, params, key: jax.Array, num_samples: int, batch_size: int,
              guidance: float = 1.0) -> np.ndarray:
-    """Draws num_samples images [N, H, W, C] in batches; on the host, on every process."""
+    """Draws num_samples images [N, H, W, C] in batches; on the host, on every process.
+
+    batch_size must be the batch `sample_fn` was built for: sample i of the call at
+    offset o is sample o + i of the whole set."""
     out = []
     for offset in range(0, num_samples, batch_size):
         x = sample_fn(params, key, jnp.int32(offset), jnp.float32(guidance))
