@@ -35,7 +35,7 @@ def posterior_coefficients(schedule: Schedule, s: jnp.ndarray, t: jnp.ndarray):
     var = (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s).
     """
     log_ab_s, log_ab_t = schedule.log_alpha_bar(s), schedule.log_alpha_bar(t)
-    ab_s, ab_t = jnp.exp(log_ab_s), jnp.exp(log_ab_t)
+    ab_s = jnp.exp(log_ab_s)
     beta_ts = -jnp.expm1(log_ab_t - log_ab_s)  # 1 - ab_t / ab_s
     one_minus_ab_t = -jnp.expm1(log_ab_t)
     c_x0 = jnp.sqrt(ab_s) * beta_ts / one_minus_ab_t

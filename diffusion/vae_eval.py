@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,26 +24,13 @@ import numpy as np
 
 from diffusion.image_metrics import psnr, ssim
 
-DEFAULT_CLASSIFIER = os.path.join("experiments", "assets", "fmnist_classifier.msgpack")
 CLASSIFIER_SIZE = 28
 
 
 def feature_network(eval_config) -> Any:
     """The FeatureNetwork named by a config's `eval` section."""
-    from diffusion import evaluation
-    name, path = eval_config.feature_net, eval_config.feature_weights
-    if name == "classifier":
-        path = path or DEFAULT_CLASSIFIER
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"classifier weights {path} not found: train them with "
-                                    "python -m diffusion.evaluation.train_classifier")
-        return evaluation.classifier_features(path)
-    if name == "inception":
-        if not path:
-            raise ValueError("eval.feature_weights must name the converted Inception .npz "
-                             "(see diffusion/evaluation/convert_inception.py)")
-        return evaluation.inception_features(path)
-    raise ValueError(f"unknown eval.feature_net {name!r}; known: classifier, inception")
+    from diffusion.train.evaluator import feature_network as named_network
+    return named_network(eval_config.feature_net, eval_config.feature_weights)
 
 
 def _features(feature_fn, x: jnp.ndarray) -> jnp.ndarray:
@@ -96,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     from diffusion.data import BatchIterator, make_source
-    from diffusion.train.latent_decoding import load_vae_workdir, read_run_config
+    from diffusion.train.latent_decoding import load_vae_workdir
+    from diffusion.train.setup import read_run_config
     config = read_run_config(args.workdir)
     vae, params = load_vae_workdir(args.workdir, jax.devices()[:1])
     source = make_source(config.data.source, args.split, config.data.data_dir or None)

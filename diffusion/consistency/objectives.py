@@ -21,14 +21,11 @@ comes from `bridge.sigma_space_x0` at t = schedule.t_from_ve_sigma(sigma).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from diffusion.consistency import bridge
 from diffusion.consistency.config import precond_from_config, section, spec_from_config
@@ -97,15 +94,6 @@ def _ct_step(run):
 
 # ---- consistency distillation --------------------------------------------------------
 
-def _tuples(x: Any) -> Any:
-    """JSON lists back to tuples (config.json stores tuples such as ch_mult as lists)."""
-    if isinstance(x, dict):
-        return {k: _tuples(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return tuple(_tuples(v) for v in x)
-    return x
-
-
 def _teacher_workdir(run) -> str:
     workdir = section(run.config).teacher_workdir
     if not workdir:
@@ -119,10 +107,8 @@ def _teacher_workdir(run) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _teacher_run_cached(workdir: str, mtime: float, devices: tuple):
-    from diffusion.train.setup import build_run  # setup imports the objective registry
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(_tuples(json.load(f)))
-    return build_run(config, workdir, list(devices))
+    from diffusion.train.setup import build_run, read_run_config  # setup imports the registry
+    return build_run(read_run_config(workdir), workdir, list(devices))
 
 
 def teacher_run(run):

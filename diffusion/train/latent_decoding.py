@@ -17,7 +17,6 @@ Pixel-space runs set neither key and sample exactly as before.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from typing import Any, Callable
@@ -28,27 +27,9 @@ import ml_collections
 
 from diffusion import parallel
 from diffusion.latents import LatentSource
+from diffusion.train.setup import read_run_config
 
 log = logging.getLogger(__name__)
-
-
-def _tuples(x: Any) -> Any:
-    """JSON lists back to tuples (config.json stores tuples as lists)."""
-    if isinstance(x, dict):
-        return {k: _tuples(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return tuple(_tuples(v) for v in x)
-    return x
-
-
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a training run wrote to <workdir>/config.json."""
-    path = os.path.join(os.path.abspath(workdir), "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{workdir} holds no config.json: is it the workdir of a "
-                                "VAE trained with train.objective='vae'?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(_tuples(json.load(f)))
 
 
 def load_vae_workdir(workdir: str, devices=None) -> tuple[Any, Any]:

@@ -73,9 +73,5 @@ def get_objective(name: str) -> Objective:
 
 def _register_optional() -> None:
     """Imports the modules that register further objectives (kept explicit here)."""
-    try:
-        import diffusion.consistency.objectives  # noqa: F401  (registers on import)
-    except ModuleNotFoundError as e:
-        if e.name != "diffusion.consistency.objectives":
-            raise
+    import diffusion.consistency.objectives  # noqa: F401  (registers on import)
     import diffusion.train.vae_objective  # noqa: F401  (registers "vae" on import)

@@ -89,6 +89,25 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
                                state_sharding=state_sharding, checkpointer=ckpt)
 
 
+def _tuples(x: Any) -> Any:
+    """JSON lists back to tuples (config.json stores tuples such as ch_mult as lists)."""
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return tuple(_tuples(v) for v in x)
+    return x
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote to <workdir>/config.json (see write_config)."""
+    path = os.path.join(os.path.abspath(workdir), "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir} holds no config.json: is it the workdir of a "
+                                "run trained with launch.py?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(_tuples(json.load(f)))
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """The resolved config, as JSON (machine) and as the ConfigDict repr (people)."""
     if jax.process_index() != 0:
