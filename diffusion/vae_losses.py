@@ -110,16 +110,18 @@ def disc_factor(step: jnp.ndarray, disc_start: int) -> jnp.ndarray:
     return jnp.where(jnp.asarray(step) >= disc_start, 1.0, 0.0)
 
 
-def vae_generator_loss(vae: AutoencoderKL, vae_params: dict,
-                       disc: NLayerDiscriminator | None, disc_params: dict | None,
-                       x: jnp.ndarray, key: jax.Array, step: jnp.ndarray, *,
-                       rec_kind: str = "l1", kl_weight: float = 1e-6,
-                       disc_weight: float = 0.5, disc_start: int = 50_001):
-    """Autoencoder loss L_G -> (loss, metrics). Differentiate w.r.t. `vae_params`
-    (the variables dict, {'params': ...}). disc=None trains without the GAN term."""
+def vae_generator_loss_and_recon(vae: AutoencoderKL, vae_params: dict,
+                                 disc: NLayerDiscriminator | None, disc_params: dict | None,
+                                 x: jnp.ndarray, key: jax.Array, step: jnp.ndarray, *,
+                                 rec_kind: str = "l1", kl_weight: float = 1e-6,
+                                 disc_weight: float = 0.5, disc_start: int = 50_001):
+    """Autoencoder loss L_G -> (loss, (metrics, x_hat)). Differentiate w.r.t.
+    `vae_params` (the variables dict, {'params': ...}); disc=None trains without the GAN
+    term. x_hat is returned so a train step can reuse it for the discriminator."""
     x_hat, mean, logvar, feats = vae.apply(vae_params, x, sample_posterior=True,
                                            return_features=True, rngs={"sample": key})
-    rec = jnp.mean(reconstruction_loss(x, x_hat, rec_kind))
+    rec_fn = lambda xh: jnp.mean(reconstruction_loss(x, xh, rec_kind))
+    rec = rec_fn(x_hat)
     kl = jnp.mean(kl_divergence(mean, logvar))
     loss = rec + kl_weight * kl
     metrics = {"rec_loss": rec, "kl": kl}
@@ -127,7 +129,6 @@ def vae_generator_loss(vae: AutoencoderKL, vae_params: dict,
         gen_fn = lambda xh: generator_adv_loss(disc.apply(disc_params, xh))
         g_loss = gen_fn(x_hat)
         kernel = vae_params["params"]["decoder"]["conv_out"]["kernel"]
-        rec_fn = lambda xh: jnp.mean(reconstruction_loss(x, xh, rec_kind))
         d_weight = adaptive_weight(last_layer_grad(rec_fn, x_hat, feats, kernel),
                                    last_layer_grad(gen_fn, x_hat, feats, kernel),
                                    disc_weight)
@@ -135,6 +136,12 @@ def vae_generator_loss(vae: AutoencoderKL, vae_params: dict,
         loss = loss + factor * d_weight * g_loss
         metrics.update(g_loss=g_loss, d_weight=d_weight, disc_factor=factor)
     metrics["loss"] = loss
+    return loss, (metrics, x_hat)
+
+
+def vae_generator_loss(*args, **kwargs):
+    """Autoencoder loss L_G -> (loss, metrics); see vae_generator_loss_and_recon."""
+    loss, (metrics, _) = vae_generator_loss_and_recon(*args, **kwargs)
     return loss, metrics
 
 

@@ -22,37 +22,8 @@ import optax
 from diffusion.image_metrics import psnr, ssim
 from diffusion.models.vae import AutoencoderKL
 from diffusion.train.state import TrainState, ema_decay, ema_update
-from diffusion.vae_losses import (NLayerDiscriminator, adaptive_weight, disc_factor,
-                                  generator_adv_loss, kl_divergence, last_layer_grad,
-                                  reconstruction_loss, vae_discriminator_loss)
-
-
-def generator_loss(vae: AutoencoderKL, vae_variables: dict,
-                   disc: NLayerDiscriminator | None, disc_variables: dict | None,
-                   x: jnp.ndarray, key: jax.Array, step: jnp.ndarray, *, rec_kind: str,
-                   kl_weight: float, disc_weight: float, disc_start: int):
-    """L_G -> (loss, (metrics, x_hat)). The same value as vae_losses.vae_generator_loss
-    (a test holds them equal), but it also hands back x_hat, which the discriminator
-    step and the metrics reuse instead of running the autoencoder a second time."""
-    x_hat, mean, logvar, feats = vae.apply(vae_variables, x, sample_posterior=True,
-                                           return_features=True, rngs={"sample": key})
-    rec_fn = lambda xh: jnp.mean(reconstruction_loss(x, xh, rec_kind))
-    rec = rec_fn(x_hat)
-    kl = jnp.mean(kl_divergence(mean, logvar))
-    loss = rec + kl_weight * kl
-    metrics = {"rec_loss": rec, "kl": kl}
-    if disc is not None:
-        gen_fn = lambda xh: generator_adv_loss(disc.apply(disc_variables, xh))
-        g_loss = gen_fn(x_hat)
-        kernel = vae_variables["params"]["decoder"]["conv_out"]["kernel"]
-        d_weight = adaptive_weight(last_layer_grad(rec_fn, x_hat, feats, kernel),
-                                   last_layer_grad(gen_fn, x_hat, feats, kernel),
-                                   disc_weight)
-        factor = disc_factor(step, disc_start)
-        loss = loss + factor * d_weight * g_loss
-        metrics.update(g_loss=g_loss, d_weight=d_weight, disc_factor=factor)
-    metrics["loss"] = loss
-    return loss, (metrics, x_hat)
+from diffusion.vae_losses import (NLayerDiscriminator, vae_discriminator_loss,
+                                  vae_generator_loss_and_recon)
 
 
 def init_discriminator(disc: NLayerDiscriminator, tx: optax.GradientTransformation,
@@ -85,7 +56,7 @@ def make_vae_train_step(vae: AutoencoderKL, disc: NLayerDiscriminator | None,
         disc_vars = {"params": disc_params} if disc is not None else None
 
         def loss_fn(params):
-            return generator_loss(vae, {"params": params}, disc, disc_vars, x, key,
+            return vae_generator_loss_and_recon(vae, {"params": params}, disc, disc_vars, x, key,
                                   state.step, rec_kind=rec_kind, kl_weight=kl_weight,
                                   disc_weight=disc_weight, disc_start=disc_start)
 
