@@ -18,6 +18,7 @@ def get_config(arg: str = ""):
     c.model.unet.update(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(8,),
                         num_heads=4, dropout=0.1)
     c.diffusion.schedule = "cosine"
+    c.diffusion.pred_type = "v"  # eps on cosine breaks DDIM / DPM-Solver: see default.py
     c.optim.lr = 5e-4
     c.optim.warmup_steps = 500
     c.optim.decay = "cosine"
