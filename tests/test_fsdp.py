@@ -7,9 +7,9 @@ from jax.sharding import PartitionSpec as P
 
 from configs.dit_fashion_mnist_cond import get_config
 from diffusion import parallel
-from diffusion.data import BatchIterator
-from diffusion.train import loop
 from diffusion.train.setup import build_run
+
+from train_steps import train_steps
 
 
 def test_fsdp_spec_splits_the_largest_divisible_dimension():
@@ -34,17 +34,6 @@ def _build(devices, workdir, fsdp):
     return build_run(cfg, workdir, devices)
 
 
-def _train(run, state, n=2):
-    step = loop._train_step_fn(run)
-    batches = BatchIterator(run.source, run.config.data.global_batch_size, 0,
-                            image_size=run.image_shape[:2])
-    losses = []
-    for _ in range(n):
-        state, metrics = step(state, parallel.global_batch(next(batches), run.mesh))
-        losses.append(float(metrics["loss"]))
-    return losses, state
-
-
 def test_fsdp_on_eight_devices_equals_replicated_on_one(tmp_path):
     assert jax.device_count() == 8, "tests/conftest.py should give 8 CPU devices"
     run1 = _build(jax.devices()[:1], str(tmp_path / "one"), fsdp=False)
@@ -53,8 +42,8 @@ def test_fsdp_on_eight_devices_equals_replicated_on_one(tmp_path):
     # The same initial state, resharded (cheaper than compiling a sharded init); from a
     # copy, since device_put may alias the buffers that run1's donation deletes.
     state8 = jax.device_put(jax.tree.map(lambda x: x.copy(), state1), run8.state_sharding)
-    l1, s1 = _train(run1, state1)
-    l8, s8 = _train(run8, state8)
+    l1, s1 = train_steps(run1, state1, 2)
+    l8, s8 = train_steps(run8, state8, 2)
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
     for a, b in ((s8.params, s1.params), (s8.ema_params, s1.ema_params),
                  (s8.opt_state, s1.opt_state)):

@@ -14,13 +14,14 @@ import pytest
 
 from configs.dit_fashion_mnist_cond import get_config
 from diffusion import parallel
-from diffusion.data import BatchIterator
 from diffusion.denoiser import from_flax
 from diffusion.models import DiT, UNet
 from diffusion.schedules import make_schedule
-from diffusion.train import loop, sampling
+from diffusion.train import sampling
 from diffusion.train.setup import build_run
 from diffusion.train.step import drop_labels
+
+from train_steps import train_steps
 
 K = 4          # classes; label row K is the null class
 B, H, C = 4, 8, 3
@@ -174,17 +175,6 @@ def _build(devices, workdir):
     return build_run(cfg, workdir, devices)
 
 
-def _train(run, state, n=2):
-    step = loop._train_step_fn(run)
-    batches = BatchIterator(run.source, run.config.data.global_batch_size, 0,
-                            image_size=run.image_shape[:2])
-    losses = []
-    for _ in range(n):
-        state, metrics = step(state, parallel.global_batch(next(batches), run.mesh))
-        losses.append(float(metrics["loss"]))
-    return losses, jax.device_get(state.params)
-
-
 def test_conditional_dit_train_step_eight_devices_equal_one(tmp_path):
     assert jax.device_count() == 8, "tests/conftest.py should give 8 CPU devices"
     run1 = _build(jax.devices()[:1], str(tmp_path / "one"))
@@ -194,8 +184,9 @@ def test_conditional_dit_train_step_eight_devices_equal_one(tmp_path):
     # The same start, replicated on 8; from a copy, since device_put may alias the
     # buffers that run1's donation deletes.
     state8 = jax.device_put(jax.tree.map(lambda x: x.copy(), state1), run8.state_sharding)
-    l1, p1 = _train(run1, state1)
-    l8, p8 = _train(run8, state8)
+    l1, s1 = train_steps(run1, state1, 2)
+    l8, s8 = train_steps(run8, state8, 2)
+    p1, p8 = jax.device_get(s1.params), jax.device_get(s8.params)
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p8, p1)
     assert l1[0] != l1[1], "successive steps should see different batches and noise"

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
-from diffusion import parallel
-from diffusion.data import BatchIterator
 from diffusion.train import loop
 from diffusion.train.setup import build_run
+
+from train_steps import train_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,15 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _steps(devices, workdir, n=3):
     cfg = get_config("runlocal")
     run = build_run(cfg, workdir, devices)
-    step = loop._train_step_fn(run)
     state = jax.jit(run.init_fn, out_shardings=run.state_sharding)(jax.random.key(0))
-    batches = BatchIterator(run.source, cfg.data.global_batch_size, 0,
-                            image_size=run.image_shape[:2])
-    out = []
-    for _ in range(n):
-        state, metrics = step(state, parallel.global_batch(next(batches), run.mesh))
-        out.append(float(metrics["loss"]))
-    return out, jax.device_get(state.params), jax.device_get(state.ema_params)
+    losses, state = train_steps(run, state, n)
+    return losses, jax.device_get(state.params), jax.device_get(state.ema_params)
 
 
 def test_eight_devices_equal_one(tmp_path):
