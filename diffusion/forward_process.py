@@ -35,12 +35,14 @@ def posterior_coefficients(schedule: Schedule, s: jnp.ndarray, t: jnp.ndarray):
     var = (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s).
     """
     log_ab_s, log_ab_t = schedule.log_alpha_bar(s), schedule.log_alpha_bar(t)
-    ab_s = jnp.exp(log_ab_s)
+    # Every 1 - exp(.) is -expm1(.): near t = 0, alpha_bar is within 1e-4 of 1 and
+    # 1 - exp(log_ab) in float32 keeps only ~3 significant digits of the difference.
     beta_ts = -jnp.expm1(log_ab_t - log_ab_s)  # 1 - ab_t / ab_s
+    one_minus_ab_s = -jnp.expm1(log_ab_s)
     one_minus_ab_t = -jnp.expm1(log_ab_t)
-    c_x0 = jnp.sqrt(ab_s) * beta_ts / one_minus_ab_t
-    c_xt = jnp.exp(0.5 * (log_ab_t - log_ab_s)) * (1.0 - ab_s) / one_minus_ab_t
-    var = (1.0 - ab_s) / one_minus_ab_t * beta_ts
+    c_x0 = jnp.exp(0.5 * log_ab_s) * beta_ts / one_minus_ab_t
+    c_xt = jnp.exp(0.5 * (log_ab_t - log_ab_s)) * one_minus_ab_s / one_minus_ab_t
+    var = one_minus_ab_s / one_minus_ab_t * beta_ts
     return c_x0, c_xt, var
 
 
