@@ -55,7 +55,16 @@ def vlb_term(schedule: Schedule, x0: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarr
     """Per-example VLB term [B] in bits/dim for discrete t = (i + 1) / T.
 
     KL(q(x_{i-1} | x_i, x0) || p(x_{i-1} | x_i)) for i > 0 and the decoder's negative
-    log-likelihood for i = 0. Pass x0_pred under stop_gradient to train only the variance.
+    log-likelihood for i = 0. Pass x0_pred under stop_gradient to train only the variance,
+    and unclipped: the KL of an exact model is then 0 at every step, whatever the data's
+    range.
+
+    The decoder at i = 0 is iDDPM's discretised Gaussian over 256 bins of [-1, 1], which
+    is a likelihood only for 8-bit pixels. On latents (continuous, not confined to
+    [-1, 1]) DiT uses it all the same and so do we: values beyond +-1 fall in the edge
+    bins, so the term stays finite and bounded, and its only effect in training is on
+    the variance output at the one step i = 0 (the mean is held fixed). Its value is not
+    a latent likelihood: do not report it as bits/dim of latent data.
     """
     s = t - 1.0 / schedule.T
     true_mean, true_logvar = posterior_mean_log_variance(schedule, x0, x_t, s, t)

@@ -73,7 +73,9 @@ def diffusion_loss(net_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray],
 
     net_fn(x_t, c_noise) -> prediction of `pred_type` [B, H, W, C]; with `learned_sigma`
     [B, H, W, 2C], the second half being the variance output trained by the VLB with the
-    mean held fixed (iDDPM's hybrid loss, lambda = vlb_weight).
+    mean held fixed (iDDPM's hybrid loss, lambda = vlb_weight), from the unclipped x0
+    prediction. At the first step the VLB is the 8-bit decoder NLL (see
+    learned_variance.vlb_term).
     """
     if learned_sigma and not discrete_time:
         raise ValueError("learned_sigma needs discrete_time=True (the VLB is per step)")
@@ -88,9 +90,12 @@ def diffusion_loss(net_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray],
     mse = jnp.mean(jnp.square(pred - tgt), axis=tuple(range(1, x0.ndim)))
     loss = loss_weight(weighting, pred_type, schedule.logsnr(t), min_snr_gamma) * mse
     if learned_sigma:
+        # No clipping of x0 here: the VLB scores the model's own reverse step, as
+        # iDDPM and DiT train it (clip_denoised=False). Clipping is a sampling choice; in
+        # training it charges an exact model for every |x0| > 1 (hundreds of bits/dim
+        # at the first steps on unit-variance latents).
         x0_pred, _ = targets.to_x0_eps(pred_type, jax.lax.stop_gradient(pred), x_t,
                                        alpha, sigma)
-        x0_pred = jnp.clip(x0_pred, -1.0, 1.0)
         loss = loss + vlb_weight * schedule.T * vlb_term(schedule, x0, x_t, t, x0_pred, v)
     return loss, t
 
