@@ -22,6 +22,7 @@ from diffusion.models import build_model
 from diffusion.schedules import Schedule, make_schedule
 from diffusion.train.objectives import get_objective
 from diffusion.train.state import init_state, make_optimizer
+from diffusion.train import validate
 
 
 @dataclasses.dataclass
@@ -54,9 +55,10 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     """Builds the run on `devices` (default: every device of the job)."""
     workdir = os.path.abspath(workdir)
     mesh = parallel.make_mesh(devices)
-    parallel.check_batch_divisible(config.data.global_batch_size, mesh, "data.global_batch_size")
+    validate.check_config(config, mesh.devices.size)  # first: one line naming the key
     source = make_source(config.data.source, config.data.split, config.data.data_dir or None)
     image_shape = image_shape_of(config, source)
+    validate.check_image_shape(config, image_shape)
     num_classes = int(config.conditioning.num_classes)
     if num_classes > 0 and source.num_classes and num_classes != source.num_classes:
         raise ValueError(f"conditioning.num_classes={num_classes} but data source "

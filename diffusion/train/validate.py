@@ -1,0 +1,84 @@
+"""Config checks that run first in a run's setup, before anything is built or compiled.
+
+Each bad value fails here with one line naming the key, instead of a ZeroDivisionError
+after compilation, a silently diverging run (lr < 0) or a model that quietly drops
+layers (attention resolutions no level reaches).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+    exit_code = 2
+
+
+def _positive_int(c: ml_collections.ConfigDict, key: str) -> None:
+    v = _get(c, key)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+
+
+def _non_negative(c: ml_collections.ConfigDict, key: str) -> None:
+    v = _get(c, key)
+    if v is not None and v < 0:
+        raise ConfigError(f"{key} must be >= 0 (0 = off), got {v!r}")
+
+
+def _get(c: ml_collections.ConfigDict, key: str) -> Any:
+    node = c
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def check_config(c: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Checks the keys every run reads; raises ConfigError naming the first bad key."""
+    for key in ("train.num_steps", "train.log_every", "train.checkpoint_every",
+                "train.keep_checkpoints", "data.global_batch_size"):
+        _positive_int(c, key)
+    for key in ("train.sample_every", "train.eval_every", "optim.warmup_steps",
+                "optim.grad_clip", "optim.weight_decay"):
+        _non_negative(c, key)
+    lr = c.optim.lr
+    if not (isinstance(lr, (int, float)) and lr > 0 and lr != float("inf")):
+        raise ConfigError(f"optim.lr must be a finite number > 0, got {lr!r}")
+    if not 0.0 <= c.ema.decay <= 1.0:
+        raise ConfigError(f"ema.decay must be in [0, 1], got {c.ema.decay!r}")
+    if c.data.global_batch_size % num_devices:
+        raise ConfigError(
+            f"data.global_batch_size={c.data.global_batch_size} is not divisible by the "
+            f"{num_devices} devices of the job; use a multiple of {num_devices}")
+    if c.data.image_size < 0:
+        raise ConfigError(f"data.image_size must be >= 0 (0 = the dataset's size), "
+                          f"got {c.data.image_size!r}")
+    if c.train.sample_every or c.train.eval_every:
+        _positive_int(c, "sample.num_samples")
+        _positive_int(c, "sample.batch_size")
+        _positive_int(c, "sample.num_steps")
+
+
+def check_image_shape(c: ml_collections.ConfigDict, image_shape: Sequence[int]) -> None:
+    """Checks the model against the image size: every U-Net attention resolution must be
+    a level the network reaches (otherwise those layers silently vanish)."""
+    if c.model.name != "unet":
+        return
+    h = int(image_shape[0])
+    n_levels = len(c.model.unet.ch_mult)
+    if n_levels < 1:
+        raise ConfigError("model.unet.ch_mult must have at least one level")
+    levels = [h // 2 ** i for i in range(n_levels)]
+    if h % 2 ** (n_levels - 1):
+        raise ConfigError(
+            f"data.image_size {h} cannot be halved {n_levels - 1} times by the U-Net's "
+            f"{n_levels} levels (model.unet.ch_mult={tuple(c.model.unet.ch_mult)}); use a "
+            f"multiple of {2 ** (n_levels - 1)}")
+    missing = [r for r in c.model.unet.attn_resolutions if r not in levels]
+    if missing:
+        raise ConfigError(
+            f"model.unet.attn_resolutions={tuple(c.model.unet.attn_resolutions)}: "
+            f"{missing} is no level of the U-Net for {h}x{h} images (levels: "
+            f"{levels}); those attention layers would silently not exist")
