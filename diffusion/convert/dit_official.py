@@ -11,6 +11,7 @@ Official key layout -> ours (torch Linear weight [out, in] is our kernel [in, ou
     blocks.N.attn.{qkv,proj}               block_N/{qkv,proj}
     blocks.N.mlp.{fc1,fc2}                 block_N/{fc1,fc2}
     blocks.N.adaLN_modulation.1            block_N/adaLN
+      (scan_blocks: blocks/{qkv,proj,fc1,fc2,adaLN}, row N of arrays stacked over blocks)
     final_layer.{linear,adaLN_modulation.1}  final/{linear,adaLN}
     pos_embed                              not a parameter here; checked against ours.
 
@@ -31,7 +32,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from diffusion.models.dit import DIT_SIZES, DiT, dit_variant
+from diffusion.models.dit import DIT_SIZES, DiT, dit_variant, scan_blocks_for, stack_blocks
 from diffusion.models.dit_blocks import sincos_pos_embed_2d
 
 # ---------------------------------------------------------------- reading torch files
@@ -50,17 +51,45 @@ class _LazyTensor:
 
     def __init__(self, read, dtype, offset, size, stride):
         self.read, self.dtype = read, dtype
-        self.offset, self.size, self.stride = offset, tuple(size), tuple(stride)
+        self.offset, self.size, self.stride = offset, size, stride  # checked in numpy()
 
     def numpy(self) -> np.ndarray:
         flat = self.read()
+        _check_view(len(flat), self.offset, self.size, self.stride)
+        self.size, self.stride = tuple(self.size), tuple(self.stride)
+        if 0 in self.size:
+            return np.zeros(self.size, flat.dtype)
         item = flat.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
             flat[self.offset:], shape=self.size, strides=[s * item for s in self.stride])
         return np.array(view)  # copy: contiguous, owns its memory
 
 
+def _check_view(numel: int, offset, size, stride) -> None:
+    """Refuses a tensor header that would read outside its storage's `numel` elements:
+    as_strided trusts shape, stride and offset, and the file is not to be trusted."""
+    def ints(xs):
+        return isinstance(xs, (tuple, list)) and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in xs)
+    if not (isinstance(offset, int) and ints(size) and ints(stride)):
+        raise ValueError(f"malformed tensor header: offset {offset!r}, size {size!r}, "
+                         f"stride {stride!r}")
+    size, stride = tuple(size), tuple(stride)
+    if len(size) != len(stride) or offset < 0 or min(size + stride, default=0) < 0:
+        raise ValueError(f"malformed tensor header: offset {offset}, size {size}, "
+                         f"stride {stride}")
+    if 0 in size:
+        return
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    count = int(np.prod(size, dtype=object))
+    if last >= numel or count > max(numel, 1):
+        raise ValueError(f"malformed tensor header: size {size}, stride {stride}, offset "
+                         f"{offset} reach element {last} of a storage of {numel} elements")
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
+    if not (isinstance(storage, tuple) and len(storage) == 2 and callable(storage[0])):
+        raise pickle.UnpicklingError("malformed tensor: its storage is not a storage record")
     read, dtype = storage
     return _LazyTensor(read, dtype, storage_offset, size, stride)
 
@@ -93,15 +122,24 @@ class _TorchZipUnpickler(pickle.Unpickler):
             f"args are read from a checkpoint without torch")
 
     def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5):
+            raise pickle.UnpicklingError(f"malformed storage record {pid!r:.80}")
         kind, storage_type, key, _location, _numel = pid
-        if kind != "storage":
-            raise pickle.UnpicklingError(f"unknown persistent id {kind!r}")
+        if kind != "storage" or storage_type not in _STORAGE_DTYPES or not isinstance(key, str):
+            raise pickle.UnpicklingError(f"unknown storage record {pid!r:.80}")
         dtype = np.dtype(_STORAGE_DTYPES[storage_type]).newbyteorder(
             "<" if self.byteorder == "little" else ">")
 
         def read():
             if key not in self.cache:
-                raw = self.archive.read(f"{self.prefix}/data/{key}")
+                name = f"{self.prefix}/data/{key}"
+                try:
+                    raw = self.archive.read(name)
+                except KeyError:
+                    raise ValueError(f"malformed torch file: no storage {name!r}") from None
+                if len(raw) % dtype.itemsize:
+                    raise ValueError(f"malformed torch file: storage {name!r} holds "
+                                     f"{len(raw)} bytes, not a whole number of {dtype}")
                 self.cache[key] = np.frombuffer(raw, dtype=dtype)
             return self.cache[key]
         return read, dtype
@@ -158,9 +196,13 @@ def load_torch_file(path: str, key: str | None = "auto") -> dict[str, np.ndarray
             names = set(archive.namelist())
             byteorder = (archive.read(f"{prefix}/byteorder").decode().strip()
                          if f"{prefix}/byteorder" in names else "little")
-            with archive.open(pkl[0]) as f:
-                obj = _TorchZipUnpickler(f, archive, prefix, byteorder).load()
-            state = _materialise(_select(obj, key, path))
+            try:
+                with archive.open(pkl[0]) as f:
+                    obj = _TorchZipUnpickler(f, archive, prefix, byteorder).load()
+                state = _materialise(_select(obj, key, path))
+            except (EOFError, TypeError, ValueError, zipfile.BadZipFile) as e:
+                # UnpicklingError (a refused object) and KeyError (_select's) say enough.
+                raise ValueError(f"{path}: malformed torch checkpoint: {e}") from e
     else:
         try:
             import torch
@@ -247,8 +289,11 @@ def dit_kwargs_from_state_dict(state_dict: dict[str, np.ndarray], variant: str |
 
 def convert_dit_state_dict(state_dict: dict[str, np.ndarray], variant: str | None = None,
                            input_size: int | None = None,
-                           num_heads: int | None = None) -> dict:
+                           num_heads: int | None = None, *, scan_blocks: bool = False) -> dict:
     """Official DiT state dict -> our Flax params (use as {'params': params}), float32.
+
+    scan_blocks: the layout of DiT(scan_blocks=True), every block's arrays stacked on a
+    leading [depth] axis under params["blocks"]; else block_0 ... block_{depth-1}.
 
     Every key must be used exactly once; an unknown or missing key is an error. A
     pos_embed buffer, when present, must equal our fixed sin-cos embedding.
@@ -286,6 +331,8 @@ def convert_dit_state_dict(state_dict: dict[str, np.ndarray], variant: str | Non
         }
     params["final"] = {"linear": linear("final_layer.linear"),
                        "adaLN": linear("final_layer.adaLN_modulation.1")}
+    if scan_blocks:
+        params = stack_blocks(params, cfg["depth"])
 
     if "pos_embed" in sd:
         used.add("pos_embed")
@@ -303,9 +350,14 @@ def convert_dit_state_dict(state_dict: dict[str, np.ndarray], variant: str | Non
 
 def load_dit_checkpoint(path: str, variant: str | None = None,
                         input_size: int | None = None, num_heads: int | None = None,
-                        key: str | None = "auto", **model_kwargs) -> tuple[DiT, dict]:
-    """File -> (DiT module, {'params': ...}). model_kwargs: e.g. dtype, remat."""
+                        key: str | None = "auto", scan_blocks: str | bool = "auto",
+                        **model_kwargs) -> tuple[DiT, dict]:
+    """File -> (DiT module, {'params': ...}). model_kwargs: e.g. dtype, remat.
+
+    scan_blocks: "auto" (scanned from depth 12 on, like the configs' default), or a bool.
+    """
     sd = load_torch_file(path, key)
     cfg = dit_kwargs_from_state_dict(sd, variant, input_size, num_heads)
-    params = convert_dit_state_dict(sd, variant, input_size, num_heads)
-    return DiT(**cfg, **model_kwargs), {"params": params}
+    scan = scan_blocks_for(scan_blocks, cfg["depth"])
+    params = convert_dit_state_dict(sd, variant, input_size, num_heads, scan_blocks=scan)
+    return DiT(**cfg, scan_blocks=scan, **model_kwargs), {"params": params}

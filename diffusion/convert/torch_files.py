@@ -55,17 +55,37 @@ def load_safetensors(path: str) -> dict[str, np.ndarray]:
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     # Format: u64 little-endian header length, a JSON header mapping names to
     # {dtype, shape, data_offsets=[begin, end]} relative to the end of the header.
+    # Nothing in the file is trusted: the header length, offsets and shapes are checked
+    # against the bytes actually there before any array is built.
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        if size < 8 or n > size - 8:
+            raise ValueError(f"{path}: malformed safetensors file: header of {n} bytes in "
+                             f"a file of {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: malformed safetensors header: {e}") from e
         data = f.read()
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: malformed safetensors header (not a JSON object)")
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        begin, end = info["data_offsets"]
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: malformed safetensors entry {name!r}: {e}") from e
+        itemsize = 2 if dtype == "BF16" else np.dtype(_ST_DTYPES.get(dtype, np.uint8)).itemsize
+        count = int(np.prod(shape, dtype=object))
+        if (min(shape, default=0) < 0 or not 0 <= begin <= end <= len(data)
+                or end - begin != count * itemsize):
+            raise ValueError(f"{path}: malformed safetensors entry {name!r}: shape {shape} "
+                             f"of {dtype} at bytes [{begin}, {end}) of {len(data)}")
         raw = data[begin:end]
-        dtype, shape = info["dtype"], tuple(info["shape"])
         if dtype == "BF16":
             # bfloat16 is the top half of a float32: shift the bits up.
             bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16

@@ -24,11 +24,15 @@ def convert(in_path: str, out_path: str) -> int:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
         raise SystemExit("converting a .pth needs torch: pip install torch") from e
-    state_dict = torch.load(in_path, map_location="cpu")
+    # weights_only: a .pth is a pickle, and a plain pickle can run any code on load.
+    state_dict = torch.load(in_path, map_location="cpu", weights_only=True)
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{in_path} does not hold a state dict "
+                         f"(got {type(state_dict).__name__})")
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]
     arrays = {k: v.detach().cpu().numpy() for k, v in state_dict.items()
-              if not k.endswith(".num_batches_tracked")}
+              if isinstance(v, torch.Tensor) and not k.endswith(".num_batches_tracked")}
     state_dict_to_variables(arrays)  # raises with the offending key if the layout differs
     np.savez(out_path, **arrays)
     return len(arrays)
