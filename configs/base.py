@@ -88,6 +88,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.sample.spacing = "trailing"
     c.sample.variance = "small"           # DDPM: small | large | learned
     c.sample.guidance_scale = 1.0         # classifier-free guidance w (class models)
+    c.sample.guidance_channels = 0        # guide the first N output channels; 0 = all
     c.sample.clip_x0 = 1.0                # 0 = no clipping
     c.sample.dynamic_threshold = 0.0      # percentile p in (0, 1) of |x0|; 0 = off
     # DPM-Solver / DPM-Solver++

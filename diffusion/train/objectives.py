@@ -47,8 +47,13 @@ def diffusion_denoiser(run, params) -> Denoiser:
     def net_fn(x, c_noise, y):
         return run.model.apply({"params": params}, x, c_noise, y, train=False)
     clip = c.sample.clip_x0 if c.sample.clip_x0 > 0 else None
+    # Official DiT guides 3 of its 4 latent channels (sample.guidance_channels=3).
+    channels = int(c.sample.get("guidance_channels", 0))
+    if channels < 0:
+        raise ValueError(f"sample.guidance_channels must be >= 0 (0 = all channels), "
+                         f"got {channels}")
     denoiser = Denoiser(net_fn, run.schedule, c.diffusion.pred_type,
-                        c.diffusion.learned_sigma, clip)
+                        c.diffusion.learned_sigma, clip, channels or None)
     if c.sample.dynamic_threshold > 0:
         denoiser = with_dynamic_thresholding(denoiser, c.sample.dynamic_threshold)
     return denoiser
