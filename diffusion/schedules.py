@@ -20,8 +20,16 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
-# Smallest alpha_bar used inside logarithms: zero-terminal-SNR schedules reach 0.
-_MIN_ALPHA_BAR = 1e-20
+# Smallest alpha_bar used inside logarithms (the samplers' host-side grids use the same).
+# A cosine table ends at 2.5e-9, above it; zero-terminal-SNR tables are floored higher, at
+# ZTSNR_MIN_ALPHA_BAR, by `make_schedule`.
+MIN_ALPHA_BAR = 1e-20
+# Zero-terminal-SNR tables end at alpha_bar = 0 exactly; diffusers (rescale_betas_zero_snr)
+# sets that last entry to 2^-24 so that every noise level is finite: sigma_ve = 4096,
+# logsnr = -16.6 at the last step instead of 1e10 / -46 from the log floor, which would
+# put a Karras grid's sigma_max and half of DPM-Solver's logSNR grid out where no step
+# does any good.
+ZTSNR_MIN_ALPHA_BAR = 2.0 ** -24
 
 
 def _betas_linear(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -103,7 +111,7 @@ class Schedule:
     def _grid(self):
         t = np.arange(self.T + 1, dtype=np.float64) / self.T
         log_ab = np.log(np.maximum(np.concatenate([[1.0], self.alpha_bar_table]),
-                                   _MIN_ALPHA_BAR))
+                                   MIN_ALPHA_BAR))
         return t.astype(np.float32), log_ab.astype(np.float32)
 
     def log_alpha_bar(self, t: jnp.ndarray) -> jnp.ndarray:
@@ -137,14 +145,17 @@ class Schedule:
     @property
     def logsnr_range(self) -> tuple[float, float]:
         """(logsnr at t = 1/T, logsnr at t = 1): the range the model was trained on."""
-        ab = np.clip(self.alpha_bar_table, _MIN_ALPHA_BAR, 1 - 1e-12)
+        ab = np.clip(self.alpha_bar_table, MIN_ALPHA_BAR, 1 - 1e-12)
         lam = np.log(ab) - np.log1p(-ab)
         return float(lam[0]), float(lam[-1])
 
 
 def make_schedule(name: str = "linear", T: int = 1000, zero_terminal_snr: bool = False,
                   **kwargs) -> Schedule:
-    """Builds a schedule by name: linear, cosine, scaled_linear or sigmoid."""
+    """Builds a schedule by name: linear, cosine, scaled_linear or sigmoid.
+
+    zero_terminal_snr rescales the table to end at SNR 0 (Lin et al. 2024) and then
+    floors it at ZTSNR_MIN_ALPHA_BAR = 2^-24, as diffusers does."""
     if name not in BETA_SCHEDULES:
         raise ValueError(f"unknown noise schedule {name!r}; known: {sorted(BETA_SCHEDULES)}")
     if T < 2:
@@ -152,6 +163,6 @@ def make_schedule(name: str = "linear", T: int = 1000, zero_terminal_snr: bool =
     betas = BETA_SCHEDULES[name](T, **kwargs)
     alpha_bar = np.cumprod(1.0 - betas)
     if zero_terminal_snr:
-        alpha_bar = rescale_zero_terminal_snr(alpha_bar)
+        alpha_bar = np.maximum(rescale_zero_terminal_snr(alpha_bar), ZTSNR_MIN_ALPHA_BAR)
         name = name + "+ztsnr"
     return Schedule(name=name, alpha_bar_table=alpha_bar)

@@ -247,6 +247,8 @@ def test_samplers_with_every_step_reach_the_mixture(name):
 _STEPS = (25, 50)
 # PLMS reaches its asymptotic order only late: see ORDERS.
 _STEPS_FOR = {"plms": (250, 500)}
+# The references start at t = 1: Karras grids must too (their default is sigma = 80).
+_OPTIONS_FOR = {name: {"sigma_max": 1e9} for name in ("euler", "heun")}
 _ERRORS = {}  # name -> (nfe, errors), shared by the tests
 
 
@@ -268,8 +270,9 @@ def _errors(name, order_problem):
     gmm, den, x_T, refs = order_problem
     sample = samplers.get_sampler(name)
     steps = _STEPS_FOR.get(name, _STEPS)
-    xs = [jax.jit(lambda k, x, s=s: sample(den, k, x_T.shape, s, x_T=x))(jax.random.key(0), x_T)
-          for s in steps]
+    opts = _OPTIONS_FOR.get(name, {})
+    xs = [jax.jit(lambda k, x, s=s: sample(den, k, x_T.shape, s, x_T=x, **opts))(
+        jax.random.key(0), x_T) for s in steps]
     ref = refs[sampler_end_time(sample, SCHEDULE)]
     _ERRORS[name] = ([samplers.nfe(name, s) for s in steps], [M.rmse(x, ref) for x in xs])
     return _ERRORS[name]
@@ -319,3 +322,33 @@ def test_benchmark_runner_writes_its_tables(tmp_path):
     assert all(r["rmse_ode"] == "" for r in rows if r["sampler"] == "ddpm")
     with pytest.raises(ValueError, match="unknown sampler"):
         run.main(["--problem", "gaussian2d", "--samplers", "nope"])
+
+
+# ---- schedules that reach (almost) pure noise -----------------------------------------
+
+@pytest.mark.parametrize("schedule_args", [("cosine", False), ("linear", True)],
+                         ids=["cosine", "zero_terminal_snr"])
+@pytest.mark.parametrize("name", ["heun", "dpmpp_2m"])
+def test_ten_steps_follow_the_exact_flow_on_noise_heavy_schedules(name, schedule_args):
+    """cosine ends at sigma_ve = 2e4 and a zero-terminal-SNR table at SNR 0: the Karras
+    grid must not start there (EDM's sigma_max = 80 instead), and DPM-Solver's logSNR grid
+    must not spend its steps at lambda ~ -23 (the 1e-20 floor): 10 steps stay close to the
+    exact flow map of a Gaussian from the sampler's start to its end, as close as on the
+    linear schedule (Heun-10 0.067, DPM-Solver++(2M)-10 0.011 there; before the fix, Heun
+    measured 0.73 on cosine and 2763 at zero terminal SNR, DPM-Solver++ 0.11 there)."""
+    sched = make_schedule(schedule_args[0], 1000, zero_terminal_snr=schedule_args[1])
+    g = make_problem("gaussian2d").gmm
+    den = exact_denoiser(g, sched, pred_type="v")
+    x_T = jax.random.normal(jax.random.key(15), (256, 2))
+    if name == "heun":
+        from diffusion.samplers.karras import plan_karras
+        t_start, t_end = plan_karras(sched, 10, heun=True).t_start, 0.0
+    else:
+        t_start, t_end = 1.0, 1.0 / sched.T
+    a0, s0 = float(sched.alpha(t_start)), float(sched.sigma(t_start))
+    a1, s1 = float(sched.alpha(t_end)), float(sched.sigma(t_end))
+    ref = a1 * exact_flow_map(g, s0 / a0, s1 / a1)(x_T / a0)
+    x = jax.jit(lambda x: samplers.get_sampler(name)(den, jax.random.key(0), x_T.shape, 10,
+                                                     x_T=x))(x_T)
+    tol = {"heun": 0.1, "dpmpp_2m": 0.02}[name]
+    assert M.rmse(x, ref) < tol, M.rmse(x, ref)

@@ -223,8 +223,9 @@ CONVERGENCE_CASES = [
     ("dpmpp_2s", {}, 10, "x", 2),
     ("dpmpp_2m", {}, 20, "x", 2),
     ("dpmpp_3m", {}, 20, "x", 3),
-    ("euler", {}, 25, "D", 1),
-    ("heun", {}, 12, "D", 2),
+    # The references start at t = 1: Karras grids must too (their default is sigma = 80).
+    ("euler", {"sigma_max": 1e9}, 25, "D", 1),
+    ("heun", {"sigma_max": 1e9}, 12, "D", 2),
     ("plms", {"spacing": "linspace"}, 20, "D", 3),
 ]
 
@@ -350,7 +351,8 @@ def test_time_grids():
     lo, hi = grids.ve_sigma_range(SCHED)
     sig = grids.ve_sigmas(SCHED, 18)
     assert sig.shape == (19,) and sig[-1] == 0.0
-    np.testing.assert_allclose([sig[0], sig[-2]], [hi, lo])
+    # EDM's sigma_max = 80 (the linear schedule is trained up to 157) and the lowest level.
+    np.testing.assert_allclose([sig[0], sig[-2]], [80.0, lo])
     ramp = sig[:-1] ** (1 / 7)                           # rho = 7: linear in sigma^(1/rho)
     np.testing.assert_allclose(np.diff(ramp), np.diff(ramp)[0], rtol=1e-9)
     clipped = grids.ve_sigmas(SCHED, 5, sigma_min=1e-4, sigma_max=1e4)

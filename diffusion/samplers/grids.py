@@ -12,17 +12,18 @@ from __future__ import annotations
 import numpy as np
 
 from diffusion.samplers.base import timesteps
+from diffusion.schedules import MIN_ALPHA_BAR
 
 SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic")
 SIGMA_SCHEDULES = ("karras", "timesteps")
-# Floor of alpha_bar inside logarithms, as in `Schedule` (zero-terminal-SNR tables hit 0).
-_MIN_ALPHA_BAR = 1e-20
+# EDM's sigma_max: Karras grids start at min(SIGMA_MAX, the trained maximum) by default.
+SIGMA_MAX = 80.0
 
 
 def _grid(schedule):
     t = np.arange(schedule.T + 1, dtype=np.float64) / schedule.T
     ab = np.concatenate([[1.0], np.asarray(schedule.alpha_bar_table, np.float64)])
-    return t, np.log(np.maximum(ab, _MIN_ALPHA_BAR))
+    return t, np.log(np.maximum(ab, MIN_ALPHA_BAR))  # as `Schedule`
 
 
 def log_alpha_bar(schedule, t) -> np.ndarray:
@@ -108,14 +109,17 @@ def ve_sigmas(schedule, num_steps: int, sigma_schedule: str = "karras", *,
               rho: float = 7.0, spacing: str = "trailing") -> np.ndarray:
     """num_steps descending VE noise levels followed by 0 (shape [num_steps + 1]).
 
-    karras: eq. 5 between sigma_min and sigma_max (default: the schedule's trained range,
-    and values outside it are clipped into it, since the network has never seen them);
-    timesteps: sigma_ve at the discrete steps `timesteps(T, num_steps, spacing)`.
+    karras: eq. 5 between sigma_min (default: the schedule's smallest trained level) and
+    sigma_max (default: min(SIGMA_MAX = 80, the largest trained level), EDM's choice: a
+    cosine table ends at 2e4 and a zero-terminal-SNR one at 4096, and ten steps spread
+    from there waste most of their budget); values outside the trained range are clipped
+    into it, since the network has never seen them. timesteps: sigma_ve at the discrete
+    steps `timesteps(T, num_steps, spacing)`.
     """
     lo, hi = ve_sigma_range(schedule)
     if sigma_schedule == "karras":
         s_min = lo if sigma_min is None else float(np.clip(sigma_min, lo, hi))
-        s_max = hi if sigma_max is None else float(np.clip(sigma_max, lo, hi))
+        s_max = min(SIGMA_MAX, hi) if sigma_max is None else float(np.clip(sigma_max, lo, hi))
         sig = karras_sigmas(num_steps, s_min, s_max, rho)
     elif sigma_schedule == "timesteps":
         idx = timesteps(schedule.T, num_steps, spacing)

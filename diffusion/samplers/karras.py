@@ -6,8 +6,12 @@ x_t = alpha x_ve. The probability-flow ODE is dx_ve / dsigma = (x_ve - D) / sigm
 (x_ve - D) / sigma_ve is exactly the Denoiser's eps, which is what the solvers use.
 
 Noise levels: `sigma_schedule="karras"` (default) is eq. 5 with rho = 7 between
-sigma_min and sigma_max, by default the schedule's trained range (sigma_ve at t = 1/T and
-t = 1); values outside that range are clipped into it. "timesteps" uses sigma_ve at the
+sigma_min (default: sigma_ve at t = 1/T, the lowest trained level) and sigma_max
+(default: min(80, sigma_ve at t = 1), EDM's sigma_max: a cosine schedule ends at 2e4 and a
+zero-terminal-SNR one at 4096, and Heun-10 from there is 4x worse, or diverges, against
+the exact ODE solution); values outside the trained range are clipped into it. For
+DDPM's linear schedule (trained up to 157) diffusers' Karras grids start at the trained
+maximum: pass sigma_max=grids.ve_sigma_range(schedule)[1] to match them. "timesteps" uses sigma_ve at the
 discrete steps of `base.timesteps(T, N, spacing)`. Either way a final step goes to
 sigma = 0 (there the result is D itself). The start state x_T ~ N(0, I) is the VP state
 at the first level, so x_ve = x_T / alpha there.
