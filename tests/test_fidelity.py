@@ -63,3 +63,31 @@ def test_training_vlb_of_an_exact_model_is_zero_on_unit_variance_data():
     # Step 0 is the decoder NLL of 8-bit data (bins of width 2/255): finite, and at most
     # the 8 bits/dim of a uniform guess for a model whose mean is the true x0.
     assert np.isfinite(vlb[0]) and 0.0 <= vlb[0] <= 8.0, vlb[0]
+
+
+def test_distillation_teacher_does_not_clip_or_threshold_latents(monkeypatch):
+    # The teacher config's sample.clip_x0 / dynamic_threshold are sampling choices; on
+    # latents (not confined to [-1, 1]) they bend the teacher's ODE. The CD teacher is
+    # the raw model, as in the official consistency-models code.
+    from types import SimpleNamespace
+    from configs.default import get_config
+    from diffusion.consistency import objectives as cd
+    from diffusion.consistency.config import add_consistency_config
+    from diffusion.train.objectives import get_objective
+
+    teacher_cfg = get_config("runlocal")
+    teacher_cfg.data.source = "latents:/nonexistent"
+    teacher_cfg.diffusion.pred_type = "x0"
+    teacher_cfg.sample.clip_x0 = 1.0
+    teacher_cfg.sample.dynamic_threshold = 0.995
+    model = SimpleNamespace(apply=lambda v, x, c, y, train: jnp.full_like(x, 3.0))
+    teacher = SimpleNamespace(config=teacher_cfg, model=model, objective=get_objective(
+        "diffusion"), schedule=make_schedule("linear", 1000))
+    monkeypatch.setattr(cd, "teacher_run", lambda run: teacher)
+    student = SimpleNamespace(config=add_consistency_config(get_config("runlocal")),
+                              num_classes=0)
+    teacher_x0 = cd._teacher_fn(student)
+    x_ve = jnp.ones((2, 4, 4, 1))
+    x0 = teacher_x0({}, x_ve, jnp.array([0.5, 5.0]), None)
+    np.testing.assert_allclose(np.asarray(x0), 3.0, rtol=1e-6)
+    assert teacher_cfg.sample.clip_x0 == 1.0  # the cached teacher run is left as it was

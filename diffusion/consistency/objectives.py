@@ -16,10 +16,12 @@ checkpoint, so it no longer needs the teacher's checkpoints (only its config.jso
 which defines their shapes). The price is that every student checkpoint carries a copy
 of the teacher's params. Any teacher works: eps / x0 / v prediction with any schedule
 (objective "diffusion") or an EDM model (objective "edm"); its x0 at VE level sigma
-comes from `bridge.sigma_space_x0` at t = schedule.t_from_ve_sigma(sigma).
+comes from `bridge.sigma_space_x0` at t = schedule.t_from_ve_sigma(sigma), without the
+teacher config's sample.clip_x0 / dynamic_threshold (see `raw_teacher`).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -132,8 +134,25 @@ def teacher_run(run):
     return t
 
 
+def raw_teacher(t):
+    """The teacher Run with its sampling-only x0 clipping and dynamic thresholding off.
+
+    Those keys of the teacher's `sample` section shape how the teacher draws images, not
+    the model: the distillation ODE is the probability-flow ODE of the model itself
+    (the official consistency-models code denoises with the raw teacher), and on latents,
+    which are not confined to [-1, 1], clipping would bend every teacher step. The
+    cached teacher Run is left untouched: this is a shallow copy with its own config.
+    """
+    config = copy.deepcopy(t.config)
+    config.sample.clip_x0 = 0.0
+    config.sample.dynamic_threshold = 0.0
+    raw = copy.copy(t)
+    raw.config = config
+    return raw
+
+
 def _teacher_fn(run):
-    t = teacher_run(run)
+    t = raw_teacher(teacher_run(run))
     w = float(section(run.config).teacher_guidance)
     guidance = w if (w > 0 and run.num_classes > 0) else None
 
