@@ -8,18 +8,28 @@ TensorFlow is not needed: tensorboardX writes the event files, and the
 `metrics.jsonl` gets one JSON object per `write_scalars` call,
 {"step": s, "<tag>": value, ...}; non-finite values are written as Python's json
 does (NaN, Infinity), which pandas and `json.loads` read back.
+
+Nothing logged is lost and nothing hangs: each jsonl line is flushed and fsynced as
+it is written (a SIGKILL loses no logged step); event records are written from the
+calling thread rather than tensorboardX's queue thread, whose death on a full disk
+used to block the training loop forever; a failed write raises
+`diffusion.io_errors.WriteFailed` naming the file and the free space. A writer built
+with `resume_step=k` (a run resumed from step k) drops the jsonl lines of steps after
+k, which the run is about to redo, and tells TensorBoard to purge those steps too.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import socket
 import time
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from diffusion import images as images_lib
+from diffusion.io_errors import guard
 
 HParamValue = bool | int | float | str
 
@@ -57,23 +67,126 @@ def _image_for_tb(x: np.ndarray) -> np.ndarray:
     raise ValueError(f"image must be [H, W, C] or [N, H, W, C], got shape {x.shape}")
 
 
-class MetricWriter:
-    """Writes scalars, images, text and hparams to `workdir` (TensorBoard + jsonl)."""
+class _SyncEventFileWriter:
+    """tensorboardX's EventFileWriter interface, writing in the caller's thread."""
 
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    def __init__(self, logdir: str):
+        from tensorboardX.event_file_writer import EventsWriter
+        self._logdir = logdir
+        # EventsWriter names the file by the second and truncates an existing one: a
+        # relaunch within the same second must not wipe the previous events.
+        prefix, n, suffix = os.path.join(logdir, "events"), 0, ""
+        while any(f.startswith("events.out.tfevents.") and f.endswith(
+                f".{socket.gethostname()}{suffix}") and
+                f[len("events.out.tfevents."):][:10] == str(time.time())[:10]
+                for f in os.listdir(logdir)):
+            n += 1
+            suffix = f".{n}"
+        self._events = EventsWriter(prefix, suffix)
+        self.path = self._events._file_name
+        self._closed = False
+
+    def get_logdir(self) -> str:
+        return self._logdir
+
+    def add_event(self, event) -> None:
+        if not self._closed:
+            with guard(self.path):
+                self._events.write_event(event)
+
+    def flush(self) -> None:
+        if not self._closed:
+            with guard(self.path):
+                self._events.flush()  # flush + fsync
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with guard(self.path):
+                self._events.close()
+
+    def reopen(self) -> None:
+        pass
+
+
+def _summary_writer(logdir: str, purge_step: int | None):
+    """A tensorboardX SummaryWriter whose file writer is synchronous (no queue thread)."""
+    from tensorboardX import SummaryWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.writer import FileWriter
+
+    class _FileWriter(FileWriter):
+        def __init__(self, logdir):  # no super().__init__: that starts the queue thread
+            self.event_writer = _SyncEventFileWriter(logdir)
+            self._default_metadata = {}
+
+    class _SummaryWriter(SummaryWriter):
+        def _get_file_writer(self):
+            if self.all_writers is None or self.file_writer is None:
+                self.file_writer = _FileWriter(self.logdir)
+                if self.purge_step is not None:  # what SummaryWriter itself writes
+                    self.file_writer.add_event(
+                        Event(step=self.purge_step, file_version="brain.Event:2"))
+                    self.file_writer.add_event(Event(
+                        step=self.purge_step, session_log=SessionLog(status=SessionLog.START)))
+                self.all_writers = {self.file_writer.get_logdir(): self.file_writer}
+            return self.file_writer
+
+    return _SummaryWriter(logdir=logdir, purge_step=purge_step)
+
+
+def _truncate_jsonl(path: str, resume_step: int) -> None:
+    """Keeps the lines of steps <= resume_step (and drops a torn last line)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        if not line.endswith("\n"):
+            continue  # torn by a kill mid-write
+        try:
+            step = json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            continue
+        if step <= resume_step:
+            keep.append(line)
+    if len(keep) == len(lines):
+        return
+    tmp = path + ".tmp"
+    with guard(path):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+class MetricWriter:
+    """Writes scalars, images, text and hparams to `workdir` (TensorBoard + jsonl).
+
+    resume_step: the step a resumed run restarts from; logs of later steps (written
+    before an interruption, about to be redone) are dropped. None: keep everything.
+    """
+
+    def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self.workdir = workdir
         self._tb = None
         self._jsonl = None
         if not enabled:
             return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        if resume_step is not None:
+            _truncate_jsonl(self._jsonl_path, resume_step)
         # Imported here: tensorboardX imports torch when it is installed (seconds),
         # which disabled writers on other processes and users of Progress skip.
-        from tensorboardX import SummaryWriter
-        os.makedirs(workdir, exist_ok=True)
-        self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
-        # Append: a resumed run continues the same file.
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        with guard(workdir):
+            self._tb = _summary_writer(
+                workdir, None if resume_step is None else resume_step + 1)
+            # Append: a resumed run continues the same file.
+            self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -82,7 +195,11 @@ class MetricWriter:
         values = {k: float(np.asarray(v)) for k, v in scalars.items()}
         for k, v in values.items():
             self._tb.add_scalar(k, v, step)
-        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        with guard(self._jsonl_path):
+            self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self._jsonl.flush()
+            os.fsync(self._jsonl.fileno())
+        self._tb.flush()  # once per logged step: a full disk shows up now, not at exit
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """Each value: uint8/float [H, W, C], or [N, H, W, C] tiled into a grid."""
@@ -90,6 +207,7 @@ class MetricWriter:
             return
         for k, x in images.items():
             self._tb.add_image(k, _image_for_tb(x), int(step), dataformats="HWC")
+        self._tb.flush()
 
     def write_text(self, step: int, tag: str, text: str) -> None:
         if not self.enabled:
@@ -117,15 +235,21 @@ class MetricWriter:
         if not self.enabled:
             return
         self._tb.flush()
-        self._jsonl.flush()
+        with guard(self._jsonl_path):
+            self._jsonl.flush()
 
     def close(self) -> None:
+        """Closes both files, even when the first close fails (then raises its error)."""
         if not self.enabled or self._tb is None:
             return
-        self._tb.close()
-        self._jsonl.close()
+        tb, jsonl = self._tb, self._jsonl
         self._tb = self._jsonl = None
         self.enabled = False
+        try:
+            tb.close()
+        finally:
+            with guard(self._jsonl_path):
+                jsonl.close()
 
     def __enter__(self) -> MetricWriter:
         return self

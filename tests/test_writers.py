@@ -161,3 +161,60 @@ def test_format_duration():
     assert format_duration(842) == "14m02s"
     assert format_duration(3909) == "1h05m09s"
     assert format_duration(42.4) == "42s"
+
+
+def test_logged_line_is_on_disk_at_once(tmp_path):
+    """A SIGKILL right after a log loses nothing: the line is flushed (and fsynced)."""
+    w = MetricWriter(str(tmp_path))
+    w.write_scalars(7, {"loss": 0.5})
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 7, "loss": 0.5}
+    assert _accumulator(tmp_path).Scalars("loss")[0].step == 7
+    w.close()
+
+
+def test_resume_drops_logs_past_the_restored_step(tmp_path):
+    with MetricWriter(str(tmp_path)) as w:
+        for step in range(1, 7):
+            w.write_scalars(step, {"loss": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # torn by a kill mid-line
+    # Resumed from the checkpoint of step 4: steps 5 and 6 are trained again.
+    with MetricWriter(str(tmp_path), resume_step=4) as w:
+        for step in (5, 6):
+            w.write_scalars(step, {"loss": 10.0 * step})
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0), (6, 60.0)]
+    loss = _accumulator(tmp_path).Scalars("loss")
+    assert [(e.step, e.value) for e in loss] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0), (6, 60.0)]
+
+
+def test_full_disk_raises_at_once_naming_the_file(tmp_path, monkeypatch):
+    """tensorboardX's queue thread died on ENOSPC and the next writes blocked forever."""
+    import errno
+    import threading
+    from tensorboardX import record_writer
+    from diffusion.io_errors import WriteFailed
+
+    def enospc(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    w = MetricWriter(str(tmp_path))
+    monkeypatch.setattr(record_writer.RecordWriter, "write", enospc)
+    result = []
+
+    def log_many():
+        try:
+            for step in range(50):
+                w.write_scalars(step, {"loss": 1.0})
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            result.append(e)
+    t = threading.Thread(target=log_many, daemon=True)
+    t.start()
+    t.join(timeout=20)
+    assert not t.is_alive(), "writing blocked on a full disk"
+    assert result and isinstance(result[0], WriteFailed), result
+    msg = str(result[0])
+    assert "events.out.tfevents" in msg and "No space left" in msg and "MB free" in msg
+    monkeypatch.undo()
+    w.close()
