@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from diffusion import data
 from diffusion.data import idx as idx_lib
+from diffusion.data import iterator as iterator_lib
 from diffusion.data import prepare as prepare_lib
 
 
@@ -300,6 +301,35 @@ def test_tfds_source_reads_without_tensorflow(tiny_tfds_dir):
     with pytest.raises(ValueError, match="Unknown split"):
         data.make_source("tfds:diffusion_test_tiny", split="valid", data_dir=tiny_tfds_dir)
     assert "tensorflow" not in sys.modules
+
+
+def test_tfds_decode_workers_give_the_same_batches(tiny_tfds_dir, monkeypatch):
+    # chunks of 1 example, so that the 12-image dataset is really read by several threads
+    monkeypatch.setattr(iterator_lib, "_MIN_CHUNK", 1)
+    source = data.make_source("tfds:diffusion_test_tiny", data_dir=tiny_tfds_dir)
+    assert source.parallel_reads
+
+    def batches(workers, start_step=0, prefetch=0, n=5):
+        it = data.BatchIterator(source, 8, seed=3, random_flip=True, image_size=6,
+                                decode_workers=workers, start_step=start_step,
+                                prefetch=prefetch)
+        out = [next(it) for _ in range(n)]
+        it.close()
+        return out, it
+
+    ref, it0 = batches(0)
+    assert it0.decode_workers == 0
+    for workers in (1, 3, -1):
+        got, it = batches(workers)
+        assert it.decode_workers == workers or (workers == -1 and it.decode_workers >= 1)
+        _assert_same(ref, got)
+    _assert_same(ref[2:], batches(3, start_step=2, prefetch=2, n=3)[0])  # resume
+    assert all(b["image"].dtype == np.float32 and b["label"].dtype == np.int32 for b in ref)
+    # in-memory sources never start threads
+    small = data.synthetic_source((8, 8, 3), 40, 4)
+    assert data.BatchIterator(small, 8, seed=0, decode_workers=4).decode_workers == 0
+    with pytest.raises(ValueError, match="decode_workers"):
+        data.BatchIterator(source, 8, seed=0, decode_workers=-2)
 
 
 def test_tfds_missing_dataset_says_how_to_prepare(tmp_path):

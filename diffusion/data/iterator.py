@@ -12,10 +12,19 @@ Hence resuming is `start_step=k` (checkpoint `.step`), and with several processe
 takes its contiguous slice [p*B/P, (p+1)*B/P) of the same global batch.
 Float sources (a LatentSource of VAE latents) are passed through as float32, unscaled
 and never flipped: a mirrored latent is not the latent of the mirrored image.
+
+Sources that decode per example (TfdsSource: PNG/JPEG) declare `parallel_reads = True`;
+their batches are then cut into contiguous chunks that a thread pool of
+`decode_workers` threads reads, decodes, crops, flips and scales into one preallocated
+array (PIL's decoders, array_record's reads and numpy's bulk ops release the GIL, so
+this scales with cores). Chunk j always holds the same positions of the batch, so the
+batches are identical for any number of workers.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import queue
 import threading
 import weakref
@@ -26,6 +35,16 @@ import numpy as np
 from diffusion.data.resize import as_size
 from diffusion.data.sources import ArraySource, Source
 from diffusion.latents import LatentSource
+
+# Fewer examples than this per chunk cost more in thread hand-off than they save.
+_MIN_CHUNK = 16
+
+
+def _available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 class BatchIterator:
@@ -41,6 +60,9 @@ class BatchIterator:
       then possibly empty on some processes).
     prefetch: batches computed ahead on a background thread (0: none). The batches are
       the same either way, since each is a function of its step only.
+    decode_workers: threads that read and decode one batch of a source with
+      `parallel_reads` (tfds): -1 = one per available core, 0 = the calling thread.
+      Ignored for in-memory sources. The batches are the same for any value.
     """
 
     def __init__(self, source: Source, global_batch_size: int, seed: int, *,
@@ -48,7 +70,8 @@ class BatchIterator:
                  image_size: int | tuple[int, int] | None = None,
                  drop_remainder: bool = True, process_index: int = 0,
                  process_count: int = 1, start_step: int = 0,
-                 num_epochs: int | None = None, prefetch: int = 0):
+                 num_epochs: int | None = None, prefetch: int = 0,
+                 decode_workers: int = -1):
         if global_batch_size <= 0:
             raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
         if process_count <= 0 or not 0 <= process_index < process_count:
@@ -64,6 +87,9 @@ class BatchIterator:
             raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
         if len(source) == 0:
             raise ValueError(f"{source!r} is empty")
+        if decode_workers < -1:
+            raise ValueError(f"decode_workers must be -1 (auto), 0 or positive, got "
+                             f"{decode_workers}")
         if random_flip and isinstance(source, LatentSource):
             raise ValueError(f"random_flip with the latent dataset {source!r}: flipping a "
                              "latent does not flip its image; set data.random_flip=False "
@@ -100,6 +126,10 @@ class BatchIterator:
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        if not getattr(source, "parallel_reads", False):
+            decode_workers = 0
+        self.decode_workers = _available_cores() if decode_workers == -1 else decode_workers
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     # ---- pure functions of (seed, step) ------------------------------------------------
 
@@ -151,6 +181,29 @@ class BatchIterator:
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         """This process's part of global batch `step`."""
         indices = self.indices_at(step)
+        flips = self.flips_at(step)[:len(indices)] if self.random_flip else None
+        chunks = min(self.decode_workers, len(indices) // _MIN_CHUNK)
+        if chunks < 2:
+            return self._load(indices, flips)
+        h, w = self._image_size or self.source.image_shape[:2]
+        out = dict(image=np.empty((len(indices), h, w, self.source.image_shape[2]),
+                                  np.float32),
+                   label=np.empty(len(indices), np.int32))
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self.decode_workers, thread_name_prefix="BatchIterator-decode")
+        bounds = np.linspace(0, len(indices), chunks + 1).astype(int)
+        futures = [self._pool.submit(self._load, indices[a:b],
+                                     None if flips is None else flips[a:b],
+                                     {k: v[a:b] for k, v in out.items()})
+                   for a, b in zip(bounds[:-1], bounds[1:])]
+        for f in futures:
+            f.result()  # re-raises a worker's error here
+        return out
+
+    def _load(self, indices: np.ndarray, flips: np.ndarray | None,
+              out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Reads, flips and scales `indices`; into `out` (views of the batch) if given."""
         data = self.source.get(indices, self._image_size) if self._image_size else \
             self.source.get(indices)
         images = data["image"]
@@ -158,16 +211,23 @@ class BatchIterator:
             if self.random_flip:
                 raise ValueError(f"random_flip with float (latent) images from "
                                  f"{self.source!r}; set random_flip=False")
-            return dict(image=np.asarray(images, np.float32),
-                        label=np.asarray(data["label"], np.int32))
-        if self.random_flip:
-            flips = self.flips_at(step)[:len(indices)]
-            images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
-        # uint8 -> [-1, 1]: x = u / 127.5 - 1.
-        x = images.astype(np.float32)
-        x *= 1.0 / 127.5
-        x -= 1.0
-        return dict(image=x, label=np.asarray(data["label"], np.int32))
+            x = np.asarray(images, np.float32)
+        else:
+            if flips is not None:
+                images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+            # uint8 -> [-1, 1]: x = u / 127.5 - 1.
+            x = images.astype(np.float32) if out is None else out["image"]
+            if out is not None:
+                x[...] = images
+            x *= 1.0 / 127.5
+            x -= 1.0
+        labels = np.asarray(data["label"], np.int32)
+        if out is None:
+            return dict(image=x, label=labels)
+        if x is not out["image"]:
+            out["image"][...] = x
+        out["label"][...] = labels
+        return out
 
     # ---- iteration ----------------------------------------------------------------------
 
@@ -209,16 +269,22 @@ class BatchIterator:
         return batch
 
     def close(self) -> None:
-        """Stops the prefetch thread (if any)."""
+        """Stops the prefetch thread and the decode threads (if any)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def __del__(self):
         stop = getattr(self, "_stop", None)  # absent when __init__ raised
         if stop is not None:
             stop.set()
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
 
 
 def _produce(ref: "weakref.ref[BatchIterator]", stop: threading.Event, out: queue.Queue,

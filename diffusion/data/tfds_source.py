@@ -43,6 +43,11 @@ class TfdsSource:
     has it (a ClassLabel), else every label is -1 (null class) and num_classes is 0.
     """
 
+    # Reading and decoding are per example and thread-safe (array_record shares one
+    # thread-safe reader per shard; PIL releases the GIL while it decodes), so
+    # BatchIterator reads chunks of a batch on a thread pool.
+    parallel_reads = True
+
     def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
                  image_key: str = "image", label_key: str = "label"):
         tfds = _import_tfds()
