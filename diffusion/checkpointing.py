@@ -19,23 +19,63 @@ a resumed run can write that step number again.
 Typed PRNG keys (`jax.random.key`) are stored as their raw `key_data` (uint32) and
 wrapped back on restore, so the checkpoint format does not depend on how a given
 orbax version treats key dtypes.
+
+Failures. A background save that fails (full disk, I/O error) is reported by
+`check()` (cheap, non-blocking: call it every step), `wait()` and the next `save()`
+as `diffusion.io_errors.WriteFailed` naming the step directory and the free space,
+or as CheckpointError; orbax's own tracebacks for disk errors are not repeated.
+`restore_latest()` verifies the newest finished step by restoring it (and by an
+optional check of the values) and falls back to the previous one when it is corrupt
+(truncated files, missing metadata), moving the bad one aside as `<step>.corrupt`;
+when no step restores it moves nothing and names the newest one. Nothing is created
+on disk until the first save, so a reader of an empty workdir leaves it empty.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
+from diffusion.io_errors import disk_errno, guard, write_failed
+
 # Orbax's names for the tmp-directory suffix and the commit file
 # (orbax/checkpoint/_src/path/atomicity_types.py); the tests check they still match.
 TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
 COMMIT_FILE = "commit_success.txt"
 INCOMPLETE_SUFFIX = ".incomplete"
+CORRUPT_SUFFIX = ".corrupt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names its directory."""
+    exit_code = 1
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    text = text[0] if text else type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+class _QuietDiskErrors(logging.Filter):
+    """Drops orbax's logged tracebacks of disk errors: the run reports them once itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" not in record.pathname or record.levelno < logging.ERROR:
+            return True
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += " " + str(record.exc_info[1])
+        return disk_errno(Exception(text)) is None
+
+
+_QUIET = _QuietDiskErrors()
 
 _STATE, _EXTRA = "state", "extra"
 
@@ -97,7 +137,7 @@ class Checkpointer:
         self.directory = epath.Path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
-            create=True,
+            create=False,  # made by the first save: a reader must not create it
             enable_async_checkpointing=True,
             # Left to `_sweep` at the first save: a reader (an eval job) opening the
             # workdir must not delete the directory a running save is writing into.
@@ -106,6 +146,10 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=(_STATE, _EXTRA))
         self._swept = False
+        self._in_flight: int | None = None  # step of the save not yet known to be done
+        for name in ("absl", "orbax"):
+            if _QUIET not in logging.getLogger(name).filters:
+                logging.getLogger(name).addFilter(_QUIET)
 
     # -- queries ---------------------------------------------------------------
 
@@ -125,6 +169,9 @@ class Checkpointer:
 
     def _sweep(self) -> None:
         """Removes orbax tmp dirs and moves aside step dirs without a commit file."""
+        if jax.process_index() == 0:
+            with guard(str(self.directory)):
+                self.directory.mkdir(parents=True, exist_ok=True)
         if jax.process_index() == 0 and self.directory.exists():
             for path in self.directory.iterdir():
                 name = path.name
@@ -166,11 +213,16 @@ class Checkpointer:
         # Orbax's own list includes a save in flight; that step counts as saved here.
         if step in self._manager.all_steps():
             return False
+        self.wait()  # a failed previous save is reported before another is started
         args = ocp.args.Composite(**{
             _STATE: ocp.args.StandardSave(_keys_to_data(state)),
             _EXTRA: ocp.args.JsonSave(extra),
         })
-        return bool(self._manager.save(step, args=args, force=force))
+        with guard(str(self.directory / str(step))):
+            started = bool(self._manager.save(step, args=args, force=force))
+        if started:
+            self._in_flight = step
+        return started
 
     # -- restore ---------------------------------------------------------------
 
@@ -197,13 +249,84 @@ class Checkpointer:
         extra = restored[_EXTRA]
         return state, ({} if extra is None else dict(extra))
 
+    def restore_latest(self, abstract_state: Any, verify: Callable[[Any], None] | None = None,
+                       move_aside: bool = False) -> tuple[int, Any, dict]:
+        """(step, state, extra) of the newest finished step that restores (and passes
+        `verify(state)`, which raises to reject it), falling back step by step.
+
+        With `move_aside`, each newer step that failed is renamed `<step>.corrupt`
+        once an older one has restored, so the next save can reuse its number; when
+        none restores, nothing is moved and the error names the newest step.
+        """
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+        bad: list[tuple[int, BaseException]] = []
+        for step in reversed(steps):
+            try:
+                state, extra = self.restore(abstract_state, step)
+                if verify is not None:
+                    verify(state)
+            except Exception as e:  # noqa: BLE001 - any failure means: try the previous
+                logging.warning("checkpoint %s cannot be restored (%s); trying the "
+                                "previous one", self.directory / str(step), _first_line(e))
+                bad.append((step, e))
+                continue
+            if move_aside:
+                for b, _ in bad:
+                    self._move_aside(b)
+            return step, state, extra
+        step, e = bad[0]
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} can be restored; the newest, "
+            f"{self.directory / str(step)}, fails with: {_first_line(e)}") from e
+
+    def _move_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            path = self.directory / str(step)
+            target, n = path.parent / (path.name + CORRUPT_SUFFIX), 1
+            while target.exists():
+                target, n = path.parent / f"{path.name}{CORRUPT_SUFFIX}{n}", n + 1
+            logging.warning("checkpoint %s is corrupt; moved it to %s", path, target)
+            path.rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"diffusion_checkpoint_move_aside_{step}")
+        self._manager.reload()
+
     # -- lifecycle -------------------------------------------------------------
 
+    def _raise_save_error(self, e: BaseException) -> None:
+        step, self._in_flight = self._in_flight, None
+        path = str(self.directory / str(step)) if step is not None else str(self.directory)
+        err = write_failed(path, e)
+        if err is not None:
+            raise err from e
+        raise CheckpointError(f"saving checkpoint {path} failed: {_first_line(e)}") from e
+
+    def check(self) -> None:
+        """Raises if a background save has failed; returns at once otherwise (cheap)."""
+        if self._in_flight is None or self._manager.is_saving_in_progress():
+            return
+        self.wait()
+
     def wait(self) -> None:
-        """Blocks until every save started so far is finished on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until every save started so far is finished on disk; raises
+        WriteFailed/CheckpointError naming the step directory when one failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - reported with the checkpoint's name
+            self._raise_save_error(e)
+        self._in_flight = None
 
     def close(self) -> None:
+        """Waits for the save in flight (raising its error) and releases orbax's threads."""
+        try:
+            self.wait()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the failed save is the error to report
+                self._manager.close()
+            raise
         self._manager.close()
 
     def __enter__(self) -> Checkpointer:

@@ -208,3 +208,99 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="max_to_keep"):
         Checkpointer(str(tmp_path / "other"), max_to_keep=0)
     ckpt.close()
+
+
+def _truncate_data(step_dir):
+    files = [p for p in (step_dir / "state" / "d").iterdir() if p.is_file()]
+    assert files
+    for p in files:
+        with open(p, "r+b") as f:
+            f.truncate(3)
+
+
+@pytest.mark.parametrize("damage", ["truncated_data", "missing_manifest", "truncated_extra"])
+def test_corrupt_newest_checkpoint_falls_back_and_is_moved_aside(tmp_path, damage):
+    sh = {"x": jax.sharding.SingleDeviceSharding(jax.devices()[0])}
+    abstract = _abstract({"x": jnp.zeros(4)}, sh)
+    with Checkpointer(str(tmp_path)) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, {"x": jnp.full(4, float(step))}, {"step": step})
+    newest = tmp_path / "3"
+    if damage == "truncated_data":
+        _truncate_data(newest)
+    elif damage == "missing_manifest":
+        os.remove(newest / "state" / "manifest.ocdbt")
+    else:
+        with open(newest / "extra" / "metadata", "r+b") as f:
+            f.truncate(3)
+    ckpt = Checkpointer(str(tmp_path))
+    step, restored, extra = ckpt.restore_latest(abstract, move_aside=True)
+    assert (step, extra) == (2, {"step": 2})
+    np.testing.assert_array_equal(restored["x"], 2.0)
+    assert (tmp_path / ("3" + checkpointing.CORRUPT_SUFFIX)).is_dir()  # kept, not deleted
+    assert ckpt.all_steps() == [1, 2]
+    assert ckpt.save(3, {"x": jnp.full(4, 30.0)}, {"step": 3})  # the number is free again
+    ckpt.wait()
+    assert ckpt.restore_latest(abstract)[0] == 3
+    ckpt.close()
+
+
+def test_restore_latest_moves_nothing_when_no_step_restores(tmp_path):
+    sh = {"x": jax.sharding.SingleDeviceSharding(jax.devices()[0])}
+    with Checkpointer(str(tmp_path)) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, {"x": jnp.full(4, float(step))})
+    ckpt = Checkpointer(str(tmp_path))
+
+    def reject(state):
+        raise ValueError("not finite")
+    with pytest.raises(checkpointing.CheckpointError, match=f"{tmp_path}/2.*not finite"):
+        ckpt.restore_latest(_abstract({"x": jnp.zeros(4)}, sh), verify=reject, move_aside=True)
+    assert ckpt.all_steps() == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+    ckpt.close()
+
+
+def test_a_reader_creates_nothing(tmp_path):
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+    assert ckpt.latest_step() is None
+    ckpt.close()
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_failed_background_save_is_reported_naming_the_step(tmp_path, monkeypatch):
+    from diffusion.io_errors import WriteFailed
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(1, {"x": jnp.zeros(2)})
+    ckpt.wait()
+    ckpt.check()  # nothing in flight: returns
+
+    def failed():
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "x/0": Failed to write 455039 '
+                         "bytes to file 4: No space left on device [os_error_code='28']")
+    monkeypatch.setattr(ckpt._manager, "wait_until_finished", failed)
+    monkeypatch.setattr(ckpt._manager, "is_saving_in_progress", lambda: False)
+    ckpt._in_flight = 5  # as if save(5) had started and then failed in the background
+    with pytest.raises(WriteFailed, match=rf"{tmp_path}/5 failed: No space left.*MB free"):
+        ckpt.check()
+    monkeypatch.undo()
+    ckpt.close()
+
+
+def test_full_disk_checkpoint_fails_with_a_clear_error(tmp_path):
+    """A real 1 MB tmpfs when mounting is permitted (root, not in every container)."""
+    from diffusion.io_errors import WriteFailed
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0 or os.system(f"mount -t tmpfs -o size=1m tmpfs {mnt} 2>/dev/null"):
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        ckpt = Checkpointer(str(mnt / "checkpoints"))
+        big = {"x": jax.random.normal(jax.random.key(0), (400_000,))}  # 1.6 MB
+        ckpt.save(1, big)
+        with pytest.raises(WriteFailed, match="checkpoints/1 failed: No space left"):
+            ckpt.wait()
+        ckpt.close()
+        assert ckpt.all_steps() == []
+    finally:
+        os.system(f"umount {mnt}")
