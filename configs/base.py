@@ -31,6 +31,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # DiT: a named variant ("S/2" ... "XL/8"); non-zero sizes override the variant's.
     c.model.dit = ml_collections.ConfigDict(dict(variant="S/2", hidden_size=0, depth=0,
                                                  num_heads=0))
+    # Blocks as one nn.scan over stacked params (compiles one block, not depth copies):
+    # auto = on from depth 12 (every paper variant) | on | off. Checkpoints of the two
+    # layouts differ: diffusion.models.dit.stack_blocks / unstack_blocks convert.
+    c.model.dit.scan_blocks = "auto"
     # KL autoencoder (model.name "vae", train.objective "vae"); defaults: SD's VAE.
     # Downsampling factor f = 2 ** (len(block_out_channels) - 1).
     c.model.vae = ml_collections.ConfigDict(dict(

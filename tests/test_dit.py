@@ -1,11 +1,13 @@
 """Tests of the DiT denoiser: paper parameter counts and GFLOPs of all 12 variants (by
-shape only, nothing compiled), adaLN-Zero init, conditioning, labels, errors."""
+shape only, nothing compiled), adaLN-Zero init, conditioning, labels, errors, and the
+scanned-blocks layout (outputs, gradients, FLOPs equal to the unrolled model)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion.models.dit import DIT_VARIANTS, DiT, dit_variant, patchify, unpatchify
+from diffusion.models.dit import (DIT_VARIANTS, DiT, dit_variant, patchify, scan_blocks_for,
+                                  stack_blocks, unpatchify, unstack_blocks)
 from diffusion.models.flops import dit_forward_macs, forward_flops
 
 # DiT paper (Peebles & Xie 2023), 256x256 images = 32x32x4 latents, learn_sigma, 1000
@@ -191,3 +193,70 @@ def test_errors_before_compile():
     with pytest.raises(ValueError, match="t must have shape"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 8, 8, 4)),
                        jnp.zeros((3,)))
+
+
+# ------------------------------------------------------------ scanned blocks
+
+def test_scanned_blocks_equal_unrolled(tiny):
+    model, variables, apply, x, t, y = tiny
+    v = perturb(variables, 5)
+    stacked = {"params": stack_blocks(v["params"])}
+    scanned = DiT(**TINY, learn_sigma=True, scan_blocks=True)
+    # the layout scanned init makes: block params stacked on a leading [depth] axis
+    shapes = jax.eval_shape(scanned.init, jax.random.key(0), x, t, y)
+    assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(np.shape, stacked)
+    assert shapes["params"]["blocks"]["qkv"]["kernel"].shape == (2, 32, 96)
+    assert not any(k.startswith("block_") for k in shapes["params"])
+    ref = apply(v, x, t, y)
+    for remat in (False, True):
+        out = jax.jit(scanned.clone(remat=remat).apply)(stacked, x, t, y)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # gradients too, remat per block inside the scan
+    def loss(m):
+        return jax.jit(jax.grad(lambda p: (m.apply({"params": p}, x, t, y) ** 2).mean()))
+    g_ref = stack_blocks(jax.tree.map(np.asarray, loss(model)(v["params"])))
+    g = loss(scanned.clone(remat=True))(stacked["params"])
+    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max() + 1e-7)
+    # layouts convert both ways, exactly
+    back = unstack_blocks(stacked["params"])
+    jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, v["params"]))
+    with pytest.raises(ValueError, match="scanned layout"):
+        stack_blocks(stacked["params"])
+    with pytest.raises(ValueError, match="not the scanned layout"):
+        unstack_blocks(v["params"])
+
+
+def test_scanned_flops_and_params_match_unrolled():
+    cfg = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3,
+               num_heads=2, num_classes=10)
+    unrolled, scanned = DiT(**cfg), DiT(**cfg, scan_blocks=True)
+    x = (2, 8, 8, 4)
+    assert forward_flops(scanned, None, x) == forward_flops(unrolled, None, x)
+    shapes = jax.eval_shape(scanned.init, jax.random.key(0), jnp.zeros(x), jnp.zeros((2,)),
+                            jnp.zeros((2,), jnp.int32))
+    assert forward_flops(scanned, shapes, x) == forward_flops(unrolled, None, x)
+    un_shapes = jax.eval_shape(unrolled.init, jax.random.key(0), jnp.zeros(x),
+                               jnp.zeros((2,)), jnp.zeros((2,), jnp.int32))
+    assert n_params(shapes) == n_params(un_shapes)
+
+
+def test_scan_blocks_setting_from_config():
+    from configs.base import get_base_config
+    from diffusion.models import build_model
+    assert scan_blocks_for("auto", 12) and scan_blocks_for("auto", 28)
+    assert not scan_blocks_for("auto", 2)
+    assert scan_blocks_for("on", 1) and not scan_blocks_for("off", 28)
+    assert scan_blocks_for(True, 1) and not scan_blocks_for(False, 28)
+    with pytest.raises(ValueError, match="auto, on or off"):
+        scan_blocks_for("maybe", 4)
+    m = get_base_config().model
+    m.name = "dit"
+    assert m.dit.scan_blocks == "auto"
+    assert build_model(m, (32, 32, 4), 0).scan_blocks  # S/2: depth 12
+    m.dit.depth = 2
+    assert not build_model(m, (32, 32, 4), 0).scan_blocks
+    m.dit.scan_blocks = "on"
+    assert build_model(m, (32, 32, 4), 0).scan_blocks
+    del m.dit["scan_blocks"]  # a run's config.json from before the switch: unrolled
+    assert not build_model(m, (32, 32, 4), 0).scan_blocks

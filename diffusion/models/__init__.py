@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from diffusion.models.dit import DiT, dit_variant
+from diffusion.models.dit import DiT, dit_variant, scan_blocks_for
 from diffusion.models.unet import UNet
 from diffusion.models.vae_trainable import TrainableAutoencoderKL
 
@@ -48,5 +48,7 @@ def build_model(model: ml_collections.ConfigDict, image_shape: tuple, num_classe
     for k in ("hidden_size", "depth", "num_heads"):  # 0 = the variant's value
         if model.dit.get(k, 0):
             arch[k] = model.dit[k]
+    # A run's config.json from before scan_blocks existed: its checkpoints are unrolled.
+    scan = scan_blocks_for(model.dit.get("scan_blocks", "off"), arch["depth"])
     return DiT(input_size=h, in_channels=c, num_classes=num_classes, learn_sigma=learned_sigma,
-               remat=model.remat, dtype=dtype, **arch)
+               remat=model.remat, scan_blocks=scan, dtype=dtype, **arch)

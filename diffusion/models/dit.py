@@ -8,14 +8,24 @@ With learn_sigma the output has 2C channels: eps and the variance interpolation 
 A freshly initialised DiT outputs exactly zero (adaLN-Zero).
 
 Variants ("S/2", "XL/4", ...) follow the paper's table; `DiT.from_variant` builds them.
+
+scan_blocks=True runs the blocks as one `nn.scan` over a stacked copy of the block
+parameters (params["blocks"][name] has a leading [depth] axis) instead of `depth`
+unrolled blocks (params["block_i"]): XLA compiles one block instead of depth copies
+(DiT-XL/2's train step: see BENCHMARKS.md, "CPU speed (issue 12)"), with the same
+outputs. `stack_blocks` / `unstack_blocks` convert parameters between the two layouts.
+With remat the checkpointing is per block in both layouts.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion.models.dit_blocks import (DiTBlock, DiTTimestepEmbed, FinalLayer,
-                                         sincos_pos_embed_2d, xavier)
+                                         ScanDiTBlock, sincos_pos_embed_2d, xavier)
 from diffusion.models.embeddings import LabelEmbedding
 
 # name -> (hidden_size, depth, num_heads); the patch size is the suffix "/p".
@@ -25,6 +35,24 @@ DIT_SIZES = {
     "L": (1024, 24, 16),
     "XL": (1152, 28, 16),
 }
+SCANNED = "blocks"  # params[SCANNED]: every block's parameters, stacked on axis 0
+# scan_blocks "auto" scans from this depth on: every paper variant (12-28 blocks), where
+# the unrolled train step compiles for minutes, but not the 1-4 block test and CPU models,
+# which compile fast either way and keep their checkpoint layout.
+SCAN_MIN_DEPTH = 12
+
+
+def scan_blocks_for(setting: str | bool, depth: int) -> bool:
+    """config model.dit.scan_blocks ("auto" | "on" | "off", or a bool) -> scan or not."""
+    if isinstance(setting, bool):
+        return setting
+    table = {"on": True, "true": True, "off": False, "false": False}
+    setting = str(setting).lower()
+    if setting == "auto":
+        return depth >= SCAN_MIN_DEPTH
+    if setting not in table:
+        raise ValueError(f"model.dit.scan_blocks must be auto, on or off, got {setting!r}")
+    return table[setting]
 DIT_PATCH_SIZES = (2, 4, 8)
 DIT_VARIANTS = tuple(f"{s}/{p}" for s in DIT_SIZES for p in DIT_PATCH_SIZES)
 
@@ -72,6 +100,7 @@ class DiT(nn.Module):
     num_classes: int = 0
     learn_sigma: bool = False
     remat: bool = False
+    scan_blocks: bool = False
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
 
@@ -149,10 +178,65 @@ class DiT(nn.Module):
                 y = jnp.full((b,), -1, jnp.int32)  # null class: unconditional
             c = c + LabelEmbedding(self.num_classes, d, dtype=self.dtype, name="y_embed")(y)
 
-        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
-        for i in range(self.depth):
-            h = block_cls(d, self.num_heads, self.mlp_ratio, dtype=self.dtype,
-                          attention_impl=self.attention_impl, name=f"block_{i}")(h, c)
+        block_args = dict(hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                          dtype=self.dtype, attention_impl=self.attention_impl)
+        if self.scan_blocks:
+            # prevent_cse=False: inside a scan the loop already stops XLA from merging
+            # the recomputation into the forward pass, and the barrier would cost speed.
+            cls = nn.remat(ScanDiTBlock, prevent_cse=False) if self.remat else ScanDiTBlock
+            h, _ = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                           in_axes=nn.broadcast, length=self.depth)(**block_args,
+                                                                    name=SCANNED)(h, c)
+        else:
+            cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+            for i in range(self.depth):
+                h = cls(**block_args, name=f"block_{i}")(h, c)
 
         h = FinalLayer(d, p, self.out_channels, dtype=self.dtype, name="final")(h, c)
         return unpatchify(h, p, self.grid_size).astype(jnp.float32)
+
+
+def stack_blocks(params: dict[str, Any], depth: int | None = None) -> dict[str, Any]:
+    """Unrolled params (block_0 ... block_{depth-1}) -> the scan_blocks layout.
+
+    Other entries are kept as they are. numpy in, numpy out; jax arrays are stacked by jnp."""
+    if SCANNED in params:
+        raise ValueError(f"params already hold {SCANNED!r} (the scanned layout)")
+    names = [k for k in params if k.startswith("block_") and k[len("block_"):].isdigit()]
+    n = len(names) if depth is None else depth
+    if n == 0 or sorted(names) != sorted(f"block_{i}" for i in range(n)):
+        raise ValueError(f"expected unrolled params block_0 ... block_{n - 1}, got "
+                         f"{sorted(names)}")
+    blocks = [params[f"block_{i}"] for i in range(n)]
+    out = {k: v for k, v in params.items() if k not in names}
+    out[SCANNED] = _tree_map(
+        lambda *xs: np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs)
+        else jnp.stack(xs), *blocks)
+    return out
+
+
+def unstack_blocks(params: dict[str, Any]) -> dict[str, Any]:
+    """The scan_blocks layout -> unrolled params block_0 ... block_{depth-1}."""
+    if SCANNED not in params:
+        raise ValueError(f"params have no {SCANNED!r} entry (not the scanned layout)")
+    stacked = params[SCANNED]
+    depth = {np.shape(a)[0] for a in _leaves(stacked)}
+    if len(depth) != 1:
+        raise ValueError(f"stacked block params disagree on depth: {sorted(depth)}")
+    out = {k: v for k, v in params.items() if k != SCANNED}
+    for i in range(depth.pop()):
+        out[f"block_{i}"] = _tree_map(lambda a, i=i: a[i], stacked)
+    return out
+
+
+def _tree_map(fn, *trees):
+    # Plain nested dicts of arrays: no jax.tree here, so numpy params stay numpy.
+    if isinstance(trees[0], dict):
+        return {k: _tree_map(fn, *(t[k] for t in trees)) for k in trees[0]}
+    return fn(*trees)
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        return [leaf for v in tree.values() for leaf in _leaves(v)]
+    return [tree]

@@ -106,6 +106,13 @@ class DiTBlock(nn.Module):
         return x + gate_mlp[:, None, :] * h
 
 
+class ScanDiTBlock(DiTBlock):
+    """DiTBlock in nn.scan's form: (x, c) -> (x_next, None); c is broadcast to every block."""
+
+    def __call__(self, x: jnp.ndarray, c: jnp.ndarray) -> tuple[jnp.ndarray, None]:
+        return super().__call__(x, c), None
+
+
 class FinalLayer(nn.Module):
     """adaLN (shift, scale) then a zero-initialised linear map to patch pixels.
 

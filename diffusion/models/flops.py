@@ -4,7 +4,8 @@
 pass, so it works from abstract shapes (jax.ShapeDtypeStruct) in about a second even
 for DiT-XL/2, and for any module with the shared denoiser signature. It counts
 element-wise work too (norms, softmax, GELU), about 0.3-0.9% on top of the matmuls for
-the DiT variants.
+the DiT variants. A DiT with scan_blocks is counted unrolled (same FLOPs), because
+cost analysis counts the body of a loop once.
 
 `dit_forward_macs` is the analytic count of multiply-adds in DiT's matmuls, the quantity
 the DiT paper reports as "Gflops" (e.g. XL/2 at 32x32x4 latents: 118.64). It serves as a
@@ -43,6 +44,10 @@ def forward_flops(module: nn.Module, variables: Any, x_shape: Sequence[int], *,
     # A fused attention kernel lowers to a custom call that cost analysis cannot see.
     if getattr(module, "attention_impl", None) not in (None, "xla"):
         module = module.clone(attention_impl="xla")
+    # Cost analysis counts a while loop's body once, not once per trip: count a scanned
+    # DiT (scan_blocks) through its unrolled twin, whose parameter shapes differ.
+    if getattr(module, "scan_blocks", False):
+        module, variables = module.clone(scan_blocks=False), None
     if variables is None:
         variables = jax.eval_shape(module.init, jax.random.key(0), x, t, y)
     variables = _abstract(variables)
