@@ -332,6 +332,34 @@ def test_tfds_decode_workers_give_the_same_batches(tiny_tfds_dir, monkeypatch):
         data.BatchIterator(source, 8, seed=0, decode_workers=-2)
 
 
+def test_tfds_decoded_cache(tiny_tfds_dir, monkeypatch):
+    monkeypatch.setattr(iterator_lib, "_MIN_CHUNK", 1)
+    plain = data.make_source("tfds:diffusion_test_tiny", data_dir=tiny_tfds_dir,
+                             cache_decoded=False)
+    cached = data.make_source("tfds:diffusion_test_tiny", data_dir=tiny_tfds_dir)
+    assert plain.cached_fraction == 0 and cached.cached_fraction == 0  # auto: small, cached
+
+    def batches(source, n=6):
+        it = data.BatchIterator(source, 8, seed=5, random_flip=True, image_size=6,
+                                decode_workers=3)
+        out = [next(it) for _ in range(n)]
+        it.close()
+        return out
+
+    ref = batches(plain)
+    _assert_same(ref, batches(cached))  # 48 examples: 4 epochs, the last 3 from memory
+    assert cached.cached_fraction == 1.0
+    monkeypatch.setattr(cached, "_read", lambda *a: pytest.fail("read a cached example"))
+    _assert_same(ref, batches(cached))
+    np.testing.assert_array_equal(cached.get(np.array([3, 3, 0]))["image"],
+                                  plain.get(np.array([3, 3, 0]))["image"])
+    monkeypatch.setattr(type(plain), "CACHE_MAX_BYTES", 100)
+    assert data.make_source("tfds:diffusion_test_tiny", data_dir=tiny_tfds_dir)._cache is None
+    with pytest.raises(ValueError, match="cache_decoded"):
+        data.make_source("tfds:diffusion_test_tiny", data_dir=tiny_tfds_dir,
+                         cache_decoded="yes")
+
+
 def test_tfds_missing_dataset_says_how_to_prepare(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         data.make_source("tfds:cifar10", data_dir=str(tmp_path))
