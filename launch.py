@@ -88,7 +88,10 @@ def main(argv):
             metrics = train_and_evaluate(cfg, run_dir)
             print(f"finished {run_dir}: {metrics}", flush=True)
         else:
-            print(f"wrote {sample_from_workdir(cfg, run_dir)}", flush=True)
+            # The run's config.json is its truth: only the keys set on the command line
+            # are checked against it, the rest of a model's keys come from it.
+            overrides = list(config_flags.get_override_values(flags.FLAGS["config"]))
+            print(f"wrote {sample_from_workdir(cfg, run_dir, overrides)}", flush=True)
 
 
 if __name__ == "__main__":

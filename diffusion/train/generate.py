@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from typing import Iterable, Optional
 
 import jax
 import ml_collections
@@ -13,20 +14,31 @@ import numpy as np
 from diffusion import images, samplers
 from diffusion.train import sampling
 from diffusion.train.loop import sample_fn_for
+from diffusion.train.run_config import sample_config
 from diffusion.train.setup import build_run
 
 log = logging.getLogger(__name__)
 
 
-def sample_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Samples with config.sample.* from workdir's newest checkpoint; returns the .npz path."""
+def sample_from_workdir(config: Optional[ml_collections.ConfigDict], workdir: str,
+                        overrides: Optional[Iterable[str]] = None) -> str:
+    """Samples workdir's newest checkpoint; returns the .npz path.
+
+    The run is sampled as it was trained: the config is the run's config.json with the
+    sampling keys of `config` (sample.*, eval.*, latent.*; see
+    diffusion.train.run_config.sample_config). `overrides` lists the keys set explicitly
+    on the command line; a model / parameterisation / data key among them that differs
+    from config.json is an error. With overrides=None every such key of `config` must
+    match; with config=None config.json is used as it is.
+    """
+    config = sample_config(config, workdir, overrides)
     run = build_run(config, workdir)
     step = run.checkpointer.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {run.workdir}/checkpoints: train first "
                                 f"with `python launch.py --config ... --workdir {workdir}`")
     state, _ = run.checkpointer.restore(run.abstract_state)
-    s = config.sample
+    s = run.config.sample
     n_dev = run.mesh.devices.size
     bs = int(math.ceil(min(s.batch_size, s.num_samples) / n_dev) * n_dev)
     fn = sample_fn_for(run, s.sampler, s.num_steps, bs)

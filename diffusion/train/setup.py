@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any
 
@@ -22,7 +21,9 @@ from diffusion.models import build_model
 from diffusion.schedules import Schedule, make_schedule
 from diffusion.train.objectives import get_objective
 from diffusion.train.state import init_state, make_optimizer
-from diffusion.train import validate
+from diffusion.train import run_config, validate
+# The run's config.json: one reader and writer, re-exported where callers found them.
+from diffusion.train.run_config import read_run_config, write_config  # noqa: F401
 
 
 @dataclasses.dataclass
@@ -56,6 +57,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     workdir = os.path.abspath(workdir)
     mesh = parallel.make_mesh(devices)
     validate.check_config(config, mesh.devices.size)  # first: one line naming the key
+    # A trained workdir's config.json fixes the model: refuse another before writing.
+    run_config.check_workdir(config, workdir)
     source = make_source(config.data.source, config.data.split, config.data.data_dir or None)
     image_shape = image_shape_of(config, source)
     validate.check_image_shape(config, image_shape)
@@ -89,31 +92,3 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
     return dataclasses.replace(run, init_fn=init_fn, abstract_state=abstract,
                                state_sharding=state_sharding, checkpointer=ckpt)
-
-
-def _tuples(x: Any) -> Any:
-    """JSON lists back to tuples (config.json stores tuples such as ch_mult as lists)."""
-    if isinstance(x, dict):
-        return {k: _tuples(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return tuple(_tuples(v) for v in x)
-    return x
-
-
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote to <workdir>/config.json (see write_config)."""
-    path = os.path.join(os.path.abspath(workdir), "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{workdir} holds no config.json: is it the workdir of a "
-                                "run trained with launch.py?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(_tuples(json.load(f)))
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """The resolved config, as JSON (machine) and as the ConfigDict repr (people)."""
-    if jax.process_index() != 0:
-        return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)

@@ -1,0 +1,85 @@
+"""A run's config.json is the truth (issue 9): resume refuses a changed model /
+parameterisation / data key and writes nothing first; sample mode samples the run as it
+was trained. Workdirs are faked (config.json plus a committed checkpoint directory), so
+nothing trains or compiles here."""
+import json
+import os
+
+import pytest
+
+from configs.default import get_config
+from diffusion.checkpointing import COMMIT_FILE
+from diffusion.train import loop
+from diffusion.train.generate import sample_from_workdir
+from diffusion.train.setup import build_run, write_config
+from diffusion.train.validate import ConfigError
+
+
+def _trained_workdir(tmp_path, **changes):
+    """A workdir as a runlocal run (v-prediction) leaves it: config.json and step 2."""
+    cfg = get_config("runlocal")
+    for key, value in changes.items():
+        section, leaf = key.split("__")
+        cfg[section][leaf] = value
+    workdir = str(tmp_path / "run")
+    write_config(cfg, workdir)
+    os.makedirs(os.path.join(workdir, "checkpoints", "2"))
+    open(os.path.join(workdir, "checkpoints", "2", COMMIT_FILE), "w").close()
+    return workdir, cfg
+
+
+def _files(workdir):
+    return sorted(os.path.relpath(os.path.join(d, f), workdir)
+                  for d, _, fs in os.walk(workdir) for f in fs)
+
+
+@pytest.mark.parametrize("key,value", [("diffusion.pred_type", "eps"),
+                                       ("diffusion.schedule", "linear"),
+                                       ("data.image_size", 16),
+                                       ("model.unet", {"ch": 32})])
+def test_resume_refuses_a_changed_model_key_and_writes_nothing(tmp_path, key, value):
+    workdir, cfg = _trained_workdir(tmp_path)
+    with open(os.path.join(workdir, "config.json")) as f:
+        before, files = f.read(), _files(workdir)
+    section, leaf = key.split(".")
+    if isinstance(value, dict):
+        cfg[section][leaf].update(value)
+        key = f"{key}.ch"
+    else:
+        cfg[section][leaf] = value
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        loop.train_and_evaluate(cfg, workdir)
+    assert "config.json has" in str(err.value)
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert f.read() == before
+    assert _files(workdir) == files
+
+
+def test_resume_may_extend_the_run_and_change_the_optimizer(tmp_path):
+    workdir, cfg = _trained_workdir(tmp_path)
+    cfg.train.num_steps = 100
+    cfg.optim.lr = 1e-4
+    cfg.sample.num_steps = 7
+    cfg.data.global_batch_size = 16
+    run = build_run(cfg, workdir)  # no error
+    run.checkpointer.close()
+
+
+def test_sample_mode_uses_the_runs_config_and_rejects_model_overrides(tmp_path):
+    from diffusion.train.run_config import sample_config
+    workdir, _ = _trained_workdir(tmp_path)
+    eps = get_config("runlocal")
+    eps.diffusion.pred_type = "eps"       # the bug: a v run sampled as eps
+    eps.sample.num_steps = 3
+    # Library call without the list of explicit overrides: strict.
+    with pytest.raises(ConfigError, match=r"diffusion\.pred_type.*'v'.*'eps'"):
+        sample_from_workdir(eps, workdir)
+    # From launch.py: the explicit override is an error naming both values ...
+    with pytest.raises(ConfigError, match=r"diffusion\.pred_type.*'v'.*'eps'"):
+        sample_config(eps, workdir, overrides=["diffusion.pred_type", "sample.num_steps"])
+    # ... while a value that only comes from the config file gives way to config.json.
+    cfg = sample_config(eps, workdir, overrides=["sample.num_steps"])
+    assert cfg.diffusion.pred_type == "v" and cfg.sample.num_steps == 3
+    assert sample_config(None, workdir).sample.num_steps == get_config("runlocal").sample.num_steps
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["diffusion"]["pred_type"] == "v"
