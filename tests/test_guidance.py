@@ -17,7 +17,7 @@ from diffusion import parallel
 from diffusion.denoiser import Denoiser, from_flax
 from diffusion.models import DiT, UNet
 from diffusion.samplers.options import dynamic_threshold, with_dynamic_thresholding
-from diffusion.schedules import make_schedule
+from diffusion.schedules import Schedule, make_schedule
 from diffusion.train import sampling
 from diffusion.train.setup import build_run
 from diffusion.train.step import drop_labels
@@ -221,7 +221,12 @@ def _exact_v_net(schedule):
 def test_guided_x0_at_zero_terminal_snr_is_finite_and_guided():
     # Zero terminal SNR, v-prediction: alpha(1) ~ 0, so rebuilding x0 from the guided eps
     # as (x_t - sigma eps) / alpha gave x0 = 0 at t = 1 (1-step class accuracy 0.10).
-    sched = make_schedule("linear", 100, zero_terminal_snr=True)
+    # alpha_bar(1) = 0 exactly (the table's floor then gives alpha(1) ~ 1e-10), whatever
+    # floor make_schedule's zero-SNR rescaling chooses.
+    table = make_schedule("linear", 100).alpha_bar_table.copy()
+    table[-1] = 0.0
+    sched = Schedule(name="linear_zero_snr_exact", alpha_bar_table=table)
+    assert float(sched.alpha(jnp.ones(1))[0]) < 1e-6
     den = Denoiser(_exact_v_net(sched), sched, pred_type="v")
     x = jax.random.normal(jax.random.key(0), (3, 2, 2, 1))
     y = jnp.array([0, 1, 2], jnp.int32)
