@@ -56,6 +56,9 @@ def get_config(arg: str = ""):
     c.sample.num_steps = 250
     c.sample.num_samples = 64
     c.sample.guidance_scale = 1.5
+    # As the paper's sampler (forward_with_cfg): guide eps channels 0-2 of the 4 latent
+    # channels, the 4th and the variance conditional.
+    c.sample.guidance_channels = 3
     c.sample.clip_x0 = 0.0                 # latents are not confined to [-1, 1]
     c.eval.sampler = "ddpm"
     c.eval.num_steps = 250
