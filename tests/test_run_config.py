@@ -83,3 +83,19 @@ def test_sample_mode_uses_the_runs_config_and_rejects_model_overrides(tmp_path):
     assert sample_config(None, workdir).sample.num_steps == get_config("runlocal").sample.num_steps
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["diffusion"]["pred_type"] == "v"
+
+
+def test_launch_sample_mode_names_a_contradicting_override(tmp_path):
+    # Through launch.py: only the explicit override is checked (the config file's own
+    # values give way to config.json), and the error names the key and both values.
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    workdir, _ = _trained_workdir(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "launch.py", "--config=configs/default.py:runlocal",
+         f"--workdir={workdir}", "--mode=sample", "--config.diffusion.pred_type=eps"],
+        cwd=root, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "diffusion.pred_type: config.json has 'v', the given config 'eps'" in out, out[-2000:]
