@@ -29,8 +29,9 @@ def _trained_workdir(tmp_path, **changes):
 
 
 def _files(workdir):
+    """Every file under workdir but hidden ones (the run's `.lock` is not its output)."""
     return sorted(os.path.relpath(os.path.join(d, f), workdir)
-                  for d, _, fs in os.walk(workdir) for f in fs)
+                  for d, _, fs in os.walk(workdir) for f in fs if not f.startswith("."))
 
 
 @pytest.mark.parametrize("key,value", [("diffusion.pred_type", "eps"),
