@@ -1,0 +1,108 @@
+"""Steps/s of the default config's train step on all CPU cores (one XLA device per core,
+batch sharded over them) vs one device, interleaved in one process.
+
+    python experiments/cpu_devices/run.py [--config configs/default.py] [--reps 7] [--steps 10]
+
+The process is started with one CPU device per core (diffusion.cpu_devices); the
+one-device run uses jax.devices()[:1] of the same process, the all-core run every
+device. Both train steps are compiled first; then `reps` rounds each time `steps`
+steps of A and of B, alternating which goes first, so that load from other jobs on a
+shared machine hits both alike. Prints a markdown table: median steps/s, spread
+(min-max), cores used (process CPU time / wall time), n, and the ratio of the medians
+and the median of per-round ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from diffusion import cpu_devices  # noqa: E402  (no JAX: must precede it)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/default.py")
+    parser.add_argument("--devices", default="auto", help="auto (one per core) or N")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    n = cpu_devices.configure(args.devices)
+    import importlib.util
+
+    import jax
+
+    from diffusion import parallel
+    from diffusion.data import BatchIterator
+    from diffusion.train import loop
+    from diffusion.train.setup import build_run
+
+    spec = importlib.util.spec_from_file_location("cfg", args.config)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("")
+    print(f"jax {jax.__version__}, {jax.device_count()} CPU devices "
+          f"(cpu_devices -> {n}), cores {cpu_devices.available_cores()}, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+
+    setups = {}
+    tmp = tempfile.mkdtemp()
+    for name, devs in (("1 device", jax.devices()[:1]), (f"{jax.device_count()} devices",
+                                                          jax.devices())):
+        run = build_run(config, os.path.join(tmp, name.replace(" ", "_")), devs)
+        state = jax.jit(run.init_fn, out_shardings=run.state_sharding)(jax.random.key(0))
+        step = loop._train_step_fn(run)
+        it = BatchIterator(run.source, config.data.global_batch_size, config.seed,
+                           random_flip=config.data.random_flip)
+        batches = [parallel.global_batch(it.batch_at(i), run.mesh) for i in range(args.steps)]
+        t0 = time.perf_counter()
+        step = step.lower(state, batches[0]).compile()
+        compile_s = time.perf_counter() - t0
+        for i in range(args.warmup):
+            state, metrics = step(state, batches[i % len(batches)])
+        jax.block_until_ready(metrics)
+        setups[name] = dict(step=step, state=state, batches=batches, compile_s=compile_s,
+                            rates=[], cores=[])
+        print(f"{name}: compiled in {compile_s:.1f} s", flush=True)
+
+    names = list(setups)
+    for r in range(args.reps):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            s = setups[name]
+            state = s["state"]
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i in range(args.steps):
+                state, metrics = s["step"](state, s["batches"][i])
+            jax.block_until_ready((state, metrics))
+            wall = time.perf_counter() - t0
+            s["rates"].append(args.steps / wall)
+            s["cores"].append((time.process_time() - c0) / wall)
+            s["state"] = state
+        print(f"round {r}: " + ", ".join(f"{k} {setups[k]['rates'][-1]:.2f}" for k in names),
+              flush=True)
+
+    a, b = (setups[k]["rates"] for k in names)
+    med = {k: statistics.median(setups[k]["rates"]) for k in names}
+    ratios = [y / x for x, y in zip(a, b)]
+    print(f"\nconfig {args.config}, batch {config.data.global_batch_size}, "
+          f"{args.reps} rounds x {args.steps} steps each, interleaved\n")
+    print("| devices | compile s | steps/s median | min | max | cores used median | n |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for k in names:
+        rates = setups[k]["rates"]
+        print(f"| {k} | {setups[k]['compile_s']:.1f} | {med[k]:.2f} | {min(rates):.2f} | "
+              f"{max(rates):.2f} | {statistics.median(setups[k]['cores']):.2f} | "
+              f"{len(rates)} |")
+    print(f"\nratio of medians {med[names[1]] / med[names[0]]:.2f}; per-round ratio median "
+          f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}, "
+          f"n {len(ratios)})")
+
+
+if __name__ == "__main__":
+    main()
