@@ -17,6 +17,8 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from diffusion import cpu_devices  # imports no JAX: must act before JAX starts
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples.")
@@ -27,6 +29,11 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_CPU_DEVICES = flags.DEFINE_string(
+    "cpu_devices", "auto", "CPU-only machines: split the host into this many XLA CPU devices, "
+    "the batch sharded over them: auto (one per core, reduced to divide the batch), off, or N. "
+    "No effect when XLA_FLAGS sets a device count, JAX_PLATFORMS names a non-CPU backend, "
+    "or a GPU/TPU is present.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -74,6 +81,8 @@ def main(argv):
     # Our progress at INFO; libraries (orbax logs every save step) at WARNING.
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("diffusion").setLevel(logging.INFO)
+    # Before JAX starts: XLA's CPU backend runs one program on about one core.
+    cpu_devices.configure(_CPU_DEVICES.value, [_CONFIG.value.data.get("global_batch_size", 0)])
     _initialize_distributed()
     from diffusion.train import sample_from_workdir, train_and_evaluate
 
