@@ -18,7 +18,7 @@ tnn = torch.nn
 from diffusion.convert.dit_official import (convert_dit_state_dict,  # noqa: E402
                                             dit_kwargs_from_state_dict, load_dit_checkpoint,
                                             load_torch_file)
-from diffusion.models.dit import DiT  # noqa: E402
+from diffusion.models.dit import DiT, stack_blocks, unstack_blocks  # noqa: E402
 
 
 # ------------------------------------------------------------ reference PyTorch DiT
@@ -256,3 +256,46 @@ def test_converter_errors(torch_dit):
                                num_heads=4)
     with pytest.raises(ValueError, match="variant or num_heads"):
         dit_kwargs_from_state_dict(sd)
+
+
+def test_scanned_layout_matches_torch(torch_dit, tmp_path):
+    sd = numpy_state(torch_dit)
+    unrolled = convert_dit_state_dict(sd, num_heads=4)
+    scanned = convert_dit_state_dict(sd, num_heads=4, scan_blocks=True)
+    assert "block_0" not in scanned and scanned["blocks"]["fc1"]["kernel"].shape == (2, 64, 256)
+    jax.tree.map(np.testing.assert_array_equal, scanned, stack_blocks(unrolled))
+    jax.tree.map(np.testing.assert_array_equal, unstack_blocks(scanned), unrolled)
+    model = DiT(**dit_kwargs_from_state_dict(sd, num_heads=4), scan_blocks=True)
+    expect = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 4)),
+                            jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))["params"]
+    assert jax.tree.map(jnp.shape, scanned) == jax.tree.map(lambda s: s.shape, expect)
+
+    x = np.random.default_rng(1).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    t = np.array([3.0, 400.0], np.float32)
+    y = np.array([1, 10], np.int32)
+    with torch.no_grad():
+        ref = torch_dit(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+                        torch.from_numpy(y).long()).numpy().transpose(0, 2, 3, 1)
+    out = np.asarray(jax.jit(model.apply)({"params": scanned}, x, t, y))
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+    # load_dit_checkpoint: "auto" keeps this 2-block model unrolled; True scans it
+    path = str(tmp_path / "dit.safetensors")
+    safetensors_numpy.save_file(sd, path)
+    m_auto, v_auto = load_dit_checkpoint(path, num_heads=4)
+    assert not m_auto.scan_blocks and "block_1" in v_auto["params"]
+    m_scan, v_scan = load_dit_checkpoint(path, num_heads=4, scan_blocks=True)
+    assert m_scan.scan_blocks and "blocks" in v_scan["params"]
+    np.testing.assert_allclose(np.asarray(jax.jit(m_scan.apply)(v_scan, x, t, y)), out,
+                               rtol=1e-5, atol=1e-6 * np.abs(out).max())
+
+
+def test_paper_variant_converts_to_scanned_layout():
+    # XL-sized layouts are scanned by default ("auto" from depth 12): S/8 has 12 blocks
+    ref = TorchDiT(input_size=32, p=8, c=4, d=384, depth=12, heads=6, num_classes=1000)
+    params = convert_dit_state_dict(numpy_state(ref), "S/8", scan_blocks=True)
+    model = DiT.from_variant("S/8", input_size=32, in_channels=4, num_classes=1000,
+                             learn_sigma=True, scan_blocks=True)
+    expect = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 4)),
+                            jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))["params"]
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(lambda s: s.shape, expect)
