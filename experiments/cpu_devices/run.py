@@ -8,8 +8,10 @@ one-device run uses jax.devices()[:1] of the same process, the all-core run ever
 device. Both train steps are compiled first; then `reps` rounds each time `steps`
 steps of A and of B, alternating which goes first, so that load from other jobs on a
 shared machine hits both alike. Prints a markdown table: median steps/s, spread
-(min-max), cores used (process CPU time / wall time), n, and the ratio of the medians
-and the median of per-round ratios.
+(min-max), cores used (process CPU time / wall time), the busiest thread's share of the
+process's CPU time (1 / that share bounds the cores the step can use however idle the
+machine: a load-independent measure of parallelism, where steps/s on a machine shared
+with other jobs is not), n, and the ratio of the medians and of per-round ratios.
 """
 from __future__ import annotations
 
@@ -22,6 +24,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from diffusion import cpu_devices  # noqa: E402  (no JAX: must precede it)
+
+
+def thread_ticks() -> dict[str, int]:
+    """CPU ticks (user + system) of each thread of this process, from /proc (Linux)."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[tid] = int(fields[11]) + int(fields[12])
+        except OSError:  # the thread ended
+            pass
+    return out
 
 
 def main():
@@ -67,7 +82,7 @@ def main():
             state, metrics = step(state, batches[i % len(batches)])
         jax.block_until_ready(metrics)
         setups[name] = dict(step=step, state=state, batches=batches, compile_s=compile_s,
-                            rates=[], cores=[])
+                            rates=[], cores=[], busiest=[])
         print(f"{name}: compiled in {compile_s:.1f} s", flush=True)
 
     names = list(setups)
@@ -76,6 +91,7 @@ def main():
         for name in order:
             s = setups[name]
             state = s["state"]
+            ticks0 = thread_ticks()
             t0, c0 = time.perf_counter(), time.process_time()
             for i in range(args.steps):
                 state, metrics = s["step"](state, s["batches"][i])
@@ -83,6 +99,9 @@ def main():
             wall = time.perf_counter() - t0
             s["rates"].append(args.steps / wall)
             s["cores"].append((time.process_time() - c0) / wall)
+            ticks = thread_ticks()
+            per_thread = [ticks[t] - ticks0.get(t, 0) for t in ticks]
+            s["busiest"].append(max(per_thread) / max(1, sum(per_thread)))
             s["state"] = state
         print(f"round {r}: " + ", ".join(f"{k} {setups[k]['rates'][-1]:.2f}" for k in names),
               flush=True)
@@ -92,13 +111,14 @@ def main():
     ratios = [y / x for x, y in zip(a, b)]
     print(f"\nconfig {args.config}, batch {config.data.global_batch_size}, "
           f"{args.reps} rounds x {args.steps} steps each, interleaved\n")
-    print("| devices | compile s | steps/s median | min | max | cores used median | n |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| devices | compile s | steps/s median | min | max | cores used | busiest thread "
+          "share | n |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for k in names:
         rates = setups[k]["rates"]
         print(f"| {k} | {setups[k]['compile_s']:.1f} | {med[k]:.2f} | {min(rates):.2f} | "
               f"{max(rates):.2f} | {statistics.median(setups[k]['cores']):.2f} | "
-              f"{len(rates)} |")
+              f"{statistics.median(setups[k]['busiest']):.2f} | {len(rates)} |")
     print(f"\nratio of medians {med[names[1]] / med[names[0]]:.2f}; per-round ratio median "
           f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}, "
           f"n {len(ratios)})")
