@@ -12,7 +12,7 @@ from diffusion import evaluation as ev
 from diffusion.evaluation import inception_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ASSET = os.path.join(REPO, "experiments", "assets", "fmnist_classifier.msgpack")
+ASSET = os.path.join(REPO, "diffusion", "evaluation", "assets", "fmnist_classifier.msgpack")
 
 
 # ---- Fréchet distance -----------------------------------------------------------------

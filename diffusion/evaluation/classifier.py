@@ -10,12 +10,17 @@ Input: images [B, 28, 28, 1] in [-1, 1]. Output: dict(pool=[B, 128], logits=[B, 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
+
+# Shipped as package data (pyproject.toml), found next to this file in any install.
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
+                               "fmnist_classifier.msgpack")
 
 
 class SmallClassifier(nn.Module):

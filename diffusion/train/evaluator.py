@@ -17,11 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion.data import BatchIterator, make_source
+from diffusion.evaluation.classifier import DEFAULT_WEIGHTS as DEFAULT_CLASSIFIER
 from diffusion.train import sampling
 from diffusion.train.setup import Run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_CLASSIFIER = os.path.join(ROOT, "experiments", "assets", "fmnist_classifier.msgpack")
 CLASSIFIER_SHAPE = (28, 28, 1)
 
 
