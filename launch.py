@@ -3,27 +3,33 @@
 
 Configs are locked: overriding a key the config does not define, or giving a value of
 the wrong type, is an error that names the key. `--sweep` runs every override set that
-the config file's `sweep()` returns, each in its own sub-directory of the workdir.
+the config file's `sweep()` returns, each in its own sub-directory of the workdir named by
+its dotted overrides (`WORKDIR/diffusion.schedule=cosine`); `--sweep_index=I` runs arm I
+only and `--sweep_print` prints one such command per arm (for a job array).
 Multi-host: pass --coordinator_address/--num_processes/--process_id, or --distributed
 to let jax.distributed.initialize() find them (SLURM, TPU pods).
 """
 from __future__ import annotations
 
-import copy
-import importlib.util
 import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from diffusion import cpu_devices  # imports no JAX: must act before JAX starts
+from diffusion.sweep import select_arms, sweep_commands, sweep_runs  # no JAX either
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
 _SWEEP = flags.DEFINE_bool("sweep", False, "Run every override set of the config's sweep().")
+_SWEEP_INDEX = flags.DEFINE_integer("sweep_index", -1, "With --sweep: run only this arm "
+                                    "(0-based; -1 = all), e.g. a job array's task index.")
+_SWEEP_PRINT = flags.DEFINE_bool("sweep_print", False, "With --sweep: print one command per "
+                                 "arm (this one plus --sweep_index=I) and exit.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() with auto-detection.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
@@ -35,31 +41,6 @@ _CPU_DEVICES = flags.DEFINE_string(
     "No effect when XLA_FLAGS sets a device count, JAX_PLATFORMS names a non-CPU backend, "
     "or a GPU/TPU is present.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def sweep_runs(config_path: str, config) -> list[tuple[str, object]]:
-    """(name, config) per entry of the config module's sweep(): dicts of dotted overrides."""
-    spec = importlib.util.spec_from_file_location("_sweep_config", config_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "sweep"):
-        raise ValueError(f"--sweep given but {config_path} defines no sweep()")
-    runs = []
-    for overrides in module.sweep():
-        cfg = copy.deepcopy(config)
-        for key, value in overrides.items():
-            parent = cfg
-            for part in key.split(".")[:-1]:
-                if part not in parent:
-                    raise KeyError(f"sweep override {key!r}: no key {part!r} in the config")
-                parent = parent[part]
-            leaf = key.split(".")[-1]
-            if leaf not in parent:
-                raise KeyError(f"sweep override {key!r}: no key {leaf!r} in the config")
-            parent[leaf] = value
-        name = ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
-        runs.append((name.replace("/", "_"), cfg))
-    return runs
 
 
 def _initialize_distributed() -> None:
@@ -78,6 +59,13 @@ def _initialize_distributed() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    sweeping = _SWEEP.value or _SWEEP_PRINT.value or _SWEEP_INDEX.value >= 0
+    config_path = config_flags.get_config_filename(flags.FLAGS["config"])
+    runs = sweep_runs(config_path, _CONFIG.value) if sweeping else [("", _CONFIG.value)]
+    if _SWEEP_PRINT.value:
+        print("\n".join(sweep_commands(sys.argv, runs)), flush=True)
+        return
+    runs = select_arms(runs, _SWEEP_INDEX.value)
     # Our progress at INFO; libraries (orbax logs every save step) at WARNING.
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("diffusion").setLevel(logging.INFO)
@@ -86,11 +74,7 @@ def main(argv):
     _initialize_distributed()
     from diffusion.train import sample_from_workdir, train_and_evaluate
 
-    config, workdir = _CONFIG.value, _WORKDIR.value
-    runs = [("", config)]
-    if _SWEEP.value:
-        path = config_flags.get_config_filename(flags.FLAGS["config"])
-        runs = sweep_runs(path, config)
+    workdir = _WORKDIR.value
     for name, cfg in runs:
         run_dir = os.path.join(workdir, name) if name else workdir
         if _MODE.value == "train":

@@ -142,13 +142,61 @@ def get_base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def is_tiny(arg: str | None) -> bool:
-    """Config args: "" (full run) or "runlocal" (tiny, for tests and smoke runs)."""
-    if arg in (None, ""):
-        return False
-    if arg == "runlocal":
-        return True
-    raise ValueError(f"unknown config argument {arg!r}; use '' or 'runlocal'")
+def _convert(name: str, value: str, default):
+    """A config argument's value in the type of its default."""
+    if isinstance(default, bool):
+        if value.lower() in ("true", "1", "yes"):
+            return True
+        if value.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"config argument {name}={value}: not a bool (true/false)")
+    for kind in (int, float):
+        if isinstance(default, kind):
+            try:
+                return kind(value)
+            except ValueError:
+                raise ValueError(f"config argument {name}={value}: not an "
+                                 f"{kind.__name__}") from None
+    return value
+
+
+def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
+    """Parses a config argument as big_vision does: "variant=B/2,runlocal".
+
+    The text after the first ":" of `--config configs/NAME.py:ARG` is a comma-separated
+    list of `key=value` pairs and bare words; a bare word sets a bool key to True.
+    `spec` gives every key the config accepts with its default, whose type converts the
+    value; `runlocal` (the tiny mode, default False) is always accepted. An unknown key
+    is a ValueError naming it. Returns a ConfigDict with every key of the spec.
+    """
+    spec = dict(runlocal=False, **spec)
+    out = ml_collections.ConfigDict(spec)
+    for part in (arg or "").split(","):
+        if not part.strip():
+            continue
+        name, has_value, value = part.partition("=")
+        name = name.strip()
+        if name not in spec:
+            raise ValueError(f"unknown config argument {name!r}; known: {', '.join(spec)}")
+        if not has_value:
+            if not isinstance(spec[name], bool):
+                raise ValueError(f"config argument {name} needs a value: {name}=VALUE")
+            out[name] = True
+        else:
+            out[name] = _convert(name, value.strip(), spec[name])
+    return out
+
+
+def is_tiny(arg: str | ml_collections.ConfigDict | None) -> bool:
+    """Whether a config argument asks for the tiny mode (`runlocal`).
+
+    A string is parsed by parse_arg with no keys but `runlocal`, so configs without
+    arguments of their own reject any other; configs with arguments parse them first
+    and pass the parsed ConfigDict.
+    """
+    if isinstance(arg, ml_collections.ConfigDict):
+        return bool(arg.runlocal)
+    return bool(parse_arg(arg).runlocal)
 
 
 def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -17,17 +17,8 @@ a teacher trained by configs/cd_cifar10.py:teacher without EDM's augmentation pi
 Args: "" (CD), "teacher" (the EDM teacher, 390k steps at batch 512 = EDM's 200M
 images), and either with ",runlocal" for the tiny mode (e.g. "teacher,runlocal").
 """
-from configs.base import get_base_config, is_tiny, make_tiny
+from configs.base import get_base_config, is_tiny, make_tiny, parse_arg
 from diffusion.consistency.config import add_consistency_config
-
-
-def parse_args(arg: str, known: tuple[str, ...]) -> set[str]:
-    parts = {p for p in (arg or "").split(",") if p}
-    unknown = parts - set(known) - {"runlocal"}
-    if unknown:
-        raise ValueError(f"unknown config argument(s) {sorted(unknown)}; use any of "
-                         f"{list(known) + ['runlocal']} joined by ','")
-    return parts
 
 
 def cifar10_unet(c, dropout: float) -> None:
@@ -38,7 +29,7 @@ def cifar10_unet(c, dropout: float) -> None:
 
 
 def get_config(arg: str = ""):
-    args = parse_args(arg, ("teacher",))
+    args = parse_arg(arg, teacher=False)
     c = add_consistency_config(get_base_config())
     c.data.source = "tfds:cifar10"
     c.data.random_flip = True
@@ -47,7 +38,7 @@ def get_config(arg: str = ""):
     c.train.checkpoint_every = 10000
     c.train.sample_every = 20000
     c.optim.grad_clip = 0.0
-    if "teacher" in args:
+    if args.teacher:
         c.train.objective = "edm"
         cifar10_unet(c, dropout=0.13)
         c.optim.lr = 1e-3
@@ -78,7 +69,7 @@ def get_config(arg: str = ""):
     c.eval.sampler = c.sample.sampler
     c.eval.num_steps = c.sample.num_steps
     c.eval.feature_net = "inception"
-    if is_tiny("runlocal" if "runlocal" in args else ""):
+    if is_tiny(args):
         make_tiny(c)
         c.consistency.teacher_workdir = ""  # a tiny teacher must be given explicitly
     return c

@@ -46,10 +46,83 @@ def test_cifar10_config_builds_the_35_7m_unet():
     assert abs(n - 35_746_307) / 35_746_307 < 0.005
 
 
+def test_parse_arg_reads_big_vision_style_arguments():
+    from configs.base import is_tiny, parse_arg
+    a = parse_arg("variant=B/2,runlocal,steps=7", variant="S/2", steps=0, guide=False)
+    assert a.to_dict() == dict(variant="B/2", runlocal=True, steps=7, guide=False)
+    assert parse_arg("", variant="S/2").to_dict() == dict(variant="S/2", runlocal=False)
+    assert parse_arg(None).runlocal is False and parse_arg("guide=false", guide=True).guide is False
+    assert is_tiny("runlocal") and not is_tiny("") and is_tiny(parse_arg("runlocal"))
+    with pytest.raises(ValueError, match="unknown config argument 'bogus'"):
+        parse_arg("runlocal,bogus", variant="S/2")
+    with pytest.raises(ValueError, match="config argument steps=many: not an int"):
+        parse_arg("steps=many", steps=0)
+    with pytest.raises(ValueError, match="config argument variant needs a value"):
+        parse_arg("variant", variant="S/2")
+
+
+def test_config_arguments_combine_with_runlocal():
+    from configs import cd_cifar10, dit_fashion_mnist_cond
+    c = dit_fashion_mnist_cond.get_config("variant=B/2,runlocal")
+    assert c.model.dit.variant == "B/2" and c.data.source == "synthetic"
+    full = dit_fashion_mnist_cond.get_config("variant=XL/2")
+    # A named variant at its paper size: the config's own sizes are cleared.
+    d = full.model.dit
+    assert (d.variant, d.hidden_size, d.depth, d.num_heads) == ("XL/2", 0, 0, 0)
+    assert cd_cifar10.get_config("teacher,runlocal").train.objective == "edm"
+    assert cd_cifar10.get_config("runlocal").data.source == "synthetic"
+
+
 def test_sweep_expands_with_distinct_workdirs():
     import launch
     from configs import ablation_schedule
-    runs = launch.sweep_runs(os.path.join(ROOT, "configs", "ablation_schedule.py"),
+    # The path as --config gives it, with the config argument (it once crashed on ":").
+    runs = launch.sweep_runs(os.path.join(ROOT, "configs", "ablation_schedule.py:runlocal"),
                              ablation_schedule.get_config("runlocal"))
-    assert [name for name, _ in runs] == ["schedule=linear", "schedule=cosine"]
+    assert [name for name, _ in runs] == ["diffusion.schedule=linear",
+                                          "diffusion.schedule=cosine"]
     assert [c.diffusion.schedule for _, c in runs] == ["linear", "cosine"]
+
+
+def test_sweep_names_use_full_dotted_keys(tmp_path):
+    import launch
+    from configs.base import get_base_config
+    from diffusion.consistency.config import add_consistency_config
+    path = tmp_path / "cfg.py"
+    path.write_text("def sweep():\n    return [{'diffusion.weighting': 'snr'},\n"
+                    "            {'consistency.weighting': 'snr', 'model.dit.variant': 'B/2'}]\n")
+    runs = launch.sweep_runs(str(path) + ":runlocal", add_consistency_config(get_base_config()))
+    assert [name for name, _ in runs] == [
+        "diffusion.weighting=snr", "consistency.weighting=snr,model.dit.variant=B_2"]
+    assert runs[1][1].consistency.weighting == "snr" and runs[1][1].model.dit.variant == "B/2"
+
+
+def test_sweep_arms_select_and_print(tmp_path):
+    import launch
+    runs = [("a=1", None), ("a=2", None), ("a=3", None)]
+    assert launch.select_arms(runs, -1) == runs
+    assert launch.select_arms(runs, 1) == [("a=2", None)]
+    with pytest.raises(ValueError, match="--sweep_index=3 is out of range: the sweep has 3"):
+        launch.select_arms(runs, 3)
+    argv = ["launch.py", "--config=configs/x.py:runlocal", "--workdir", "runs/x", "--sweep",
+            "--sweep_print", "--config.train.num_steps=2"]
+    cmds = launch.sweep_commands(argv, runs, python="python")
+    assert cmds == [f"python launch.py --config=configs/x.py:runlocal --workdir runs/x --sweep "
+                    f"--config.train.num_steps=2 --sweep_index={i}  # a={i + 1}"
+                    for i in range(3)]
+
+
+def test_sweep_index_trains_one_arm_in_its_named_folder(tmp_path):
+    import subprocess
+    import sys
+    wd = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "launch.py", "--config=configs/ablation_schedule.py:runlocal",
+         f"--workdir={wd}", "--sweep", "--sweep_index=1", "--config.train.num_steps=2",
+         "--config.train.sample_every=0", "--config.train.checkpoint_every=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(wd)) == ["diffusion.schedule=cosine"]
+    import json
+    with open(wd / "diffusion.schedule=cosine" / "config.json") as f:
+        assert json.load(f)["diffusion"]["schedule"] == "cosine"
