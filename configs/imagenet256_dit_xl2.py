@@ -54,6 +54,10 @@ def get_config(arg: str = ""):
     c.sample.sampler = "ddpm"
     c.sample.variance = "learned"
     c.sample.num_steps = 250
+    # DiT samples with improved-diffusion's respacing, space_timesteps(1000, "250"):
+    # indices round(k * 999 / 249), 0 and 999 included (the default trailing grid would
+    # visit 999, 995, ..., 3 and never the first trained step). Eval uses it too.
+    c.sample.spacing = "iddpm"
     c.sample.num_samples = 64
     c.sample.guidance_scale = 1.5
     # As the paper's sampler (forward_with_cfg): guide eps channels 0-2 of the 4 latent

@@ -23,7 +23,7 @@ import pytest
 
 from diffusion.denoiser import Denoiser
 from diffusion.schedules import make_schedule
-from diffusion.samplers import canonical_name, get_sampler, grids, nfe
+from diffusion.samplers import SAMPLERS, canonical_name, get_sampler, grids, nfe
 from diffusion.samplers.base import time_pairs
 from diffusion.samplers.consistency import plan_consistency, resolve_sigmas
 from diffusion.samplers.dpm_solver import plan_multistep, plan_singlestep
@@ -308,29 +308,91 @@ def test_dynamic_thresholding():
 
 
 # ---- host-side: grids, NFE counts, options -------------------------------------------
-def test_nfe_counts_match_the_plans():
-    cases = [
-        ("dpm_solver_1", {}, lambda n, o: plan_singlestep(SCHED, n, order=1, **o)),
-        ("dpm_solver_2", {}, lambda n, o: plan_singlestep(SCHED, n, order=2, **o)),
-        ("dpm_solver_3", {"denoise_to_zero": True},
-         lambda n, o: plan_singlestep(SCHED, n, order=3, **o)),
-        ("dpmpp_2s", {}, lambda n, o: plan_singlestep(SCHED, n, order=2, data_form=True, **o)),
-        ("dpmpp_2m", {"lower_order_final": False},
-         lambda n, o: plan_multistep(SCHED, n, order=2, **o)),
-        ("dpmpp_3m", {"denoise_to_zero": True},
-         lambda n, o: plan_multistep(SCHED, n, order=3, **o)),
-        ("euler", {"S_churn": 5.0}, lambda n, o: plan_karras(SCHED, n, **o)),
-        ("heun", {}, lambda n, o: plan_karras(SCHED, n, heun=True, **o)),
-        ("euler_a", {}, lambda n, o: plan_karras(SCHED, n, ancestral_eta=1.0)),
-        ("plms", {}, lambda n, o: plan_plms(SCHED, n, **o)),
-        ("pndm", {"warmup": "prk"}, lambda n, o: plan_plms(SCHED, n, **o)),
-        ("plms", {"warmup": "lower_order"}, lambda n, o: plan_plms(SCHED, n, **o)),
-        ("consistency", {}, lambda n, o: plan_consistency(SCHED, n, **o)),
-    ]
-    for name, options, make in cases:
-        for n in (1, 2, 3, 4, 7):
-            assert make(n, options).num_evals == nfe(name, n, **options), (name, n)
+# Every registered sampler, with every option that changes its number of network calls.
+NFE_CASES = [
+    ("ddpm", {}), ("ddpm", {"spacing": "iddpm", "strength": 0.5}),
+    ("ddim", {}), ("ddim", {"spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False,
+                            "prev_timestep": "stride"}),
+    ("dpm_solver_1", {}), ("dpm_solver_2", {"denoise_to_zero": True}),
+    ("dpm_solver_3", {"skip_type": "trailing"}), ("dpmpp_2s", {"strength": 0.5}),
+    ("dpmpp_2m", {"denoise_to_zero": True}), ("dpmpp_2m", {"lower_order_final": False}),
+    ("dpmpp_2m", {"skip_type": "leading", "steps_offset": 1, "strength": 0.5}),
+    ("dpmpp_3m", {"skip_type": "karras", "final_step": "zero"}),
+    ("euler", {"S_churn": 5.0}), ("euler", {"sigma_schedule": "timesteps", "spacing": "linspace",
+                                            "fractional_timesteps": True}),
+    ("heun", {}), ("heun", {"strength": 0.5}), ("euler_a", {}),
+    ("plms", {}), ("pndm", {"warmup": "prk"}), ("plms", {"warmup": "lower_order"}),
+    ("plms", {"set_alpha_to_one": False, "strength": 0.5}),
+    ("consistency", {}), ("consistency", {"strength": 0.5}),
+]
+
+
+def _network_calls(fn, *args) -> int:
+    """Network calls `fn` makes, read off its traced program (no compile): every call of
+    the exact nets runs one debug callback, and a scan runs its body `length` times."""
+    def count(jaxpr) -> int:
+        n = 0
+        for eqn in jaxpr.eqns:
+            subs = [getattr(v, "jaxpr", v) for v in eqn.params.values()]  # Closed -> Jaxpr
+            subs = [j for j in subs if hasattr(j, "eqns")]
+            inner = sum(count(j) for j in subs)
+            if eqn.primitive.name == "debug_callback":
+                n += 1
+            elif eqn.primitive.name == "scan":
+                n += eqn.params["length"] * inner
+            elif eqn.primitive.name == "while":
+                assert inner == 0, "a network call inside a loop of unknown length"
+            else:
+                n += inner
+        return n
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def test_nfe_is_the_number_of_network_calls():
+    """samplers.nfe(name, N, schedule, **options) == the calls the sampler's program
+    makes, for every sampler and every option that changes the count."""
+    assert {canonical_name(n) for n, _ in NFE_CASES} == set(SAMPLERS)
+    for name, options in NFE_CASES:
+        den = CM_DEN if canonical_name(name) == "consistency" else DEN
+        for n in (1, 2, 3, 7):
+            kw = dict(options)
+            if kw.get("strength", 1.0) < 1.0:
+                if n < 3:  # too few steps to have one below t = 0.5
+                    continue
+                kw["x_init"] = jnp.zeros((1, 2))
+            calls = _network_calls(lambda k: get_sampler(name)(den, k, (1, 2), n, **kw),
+                                   jax.random.key(0))
+            assert calls == nfe(name, n, SCHED, **options), (name, options, n)
     assert nfe("heun", 18) == 35 and nfe("ddim", 50) == 50 and nfe("dpm3", 10) == 30
+    assert nfe("plms", 10, warmup="prk") == 19 and nfe("dpmpp_2m", 10, denoise_to_zero=True) == 11
+    with pytest.raises(ValueError, match="no option"):
+        nfe("ddim", 10, warmup="prk")
+
+
+def test_steps_for_nfe_counts_with_the_options():
+    from experiments.sampler_benchmark.specs import parse_samplers, sampler_runs, steps_for_nfe
+    assert steps_for_nfe("plms", 10, 1000, SCHED, warmup="prk") == (3, 9)  # N + 3 min(3, N-1)
+    assert steps_for_nfe("dpmpp_2m", 10, 1000, SCHED, denoise_to_zero=True) == (9, 10)
+    assert steps_for_nfe("heun", 10, 1000) == (5, 9)       # 2 N - 1: 10 is not reachable
+    assert steps_for_nfe("ddim", 50, 20) == (20, 20)       # capped by max_steps
+    assert steps_for_nfe("dpm_solver_3", 2, 1000) is None
+    runs = list(sampler_runs(parse_samplers("pndm:warmup='prk',dpmpp_2m"), [12, 20], 1000,
+                             SCHED))
+    assert [(s.label, target, steps, n) for s, target, steps, n in runs] == [
+        ("pndm:warmup='prk'", 12, 3, 9), ("pndm:warmup='prk'", 20, 11, 20),
+        ("dpmpp_2m", 12, 12, 12), ("dpmpp_2m", 20, 20, 20)]
+
+
+def test_ddim_last_step_to_the_first_trained_level_keeps_float32_precision():
+    """set_alpha_to_one=False ends at alpha_bar[0] = 1 - 1e-4: the direction coefficient
+    sqrt(1 - alpha_bar) must come from expm1 (1 - exp(log ab) lost 1.7e-4 there)."""
+    zero_x0 = Denoiser(lambda x, c, y: jnp.zeros_like(x), SCHED, pred_type="x0")
+    x_T = jnp.ones((1, 2))
+    x = get_sampler("ddim")(zero_x0, jax.random.key(0), (1, 2), 1, x_T=x_T,
+                            set_alpha_to_one=False)
+    ab = SCHED.alpha_bar_table
+    want = np.sqrt(1.0 - ab[0]) / np.sqrt(1.0 - ab[-1])   # x0 = 0: x = sigma_s eps
+    np.testing.assert_allclose(np.asarray(x), want, rtol=1e-5)
 
 
 def test_time_grids():

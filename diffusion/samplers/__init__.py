@@ -2,9 +2,12 @@
 
     x0 = get_sampler("ddim")(denoiser, key, shape, num_steps, y=..., guidance=..., eta=0.)
 
-`num_steps` counts steps; NFE (network evaluations) per sample is `nfe(name, num_steps,
-**options)` (for strength = 1; image-to-image runs only the steps with t <= strength). A
-guided step batches its conditional and unconditional passes into one call, counted once.
+`num_steps` counts steps; NFE (network evaluations) per sample is
+`nfe(name, num_steps, schedule, **options)`, counted from the sampler's own compiled
+plan (or, for DDPM / DDIM, its step grid) with those options, so it cannot drift from
+what the sampler runs (image-to-image runs only the steps with t <= strength, and the
+count says so). A guided step batches its conditional and unconditional passes into one
+call, counted once. With the default options:
 
   ddpm, ddim                      1 a step                      (ddpm, ddim modules)
   dpm_solver_1, _2, _3            k a step (singlestep order k)  (dpm_solver)
@@ -12,16 +15,20 @@ guided step batches its conditional and unconditional passes into one call, coun
   dpmpp_2m, dpmpp_3m              1 a step (multistep)           (dpm_solver)
   euler, euler_a                  1 a step                      (karras)
   heun                            2 N - 1 (last step Euler)      (karras)
-  plms                            N + 1 (pseudo_euler warm-up; see plms)
+  plms                            N + 1 (pseudo_euler warm-up; prk: N + 9; see plms)
   consistency                     1 a step                      (consistency)
 DPM-Solver variants take one more with denoise_to_zero=True.
+
+Which options reproduce which diffusers scheduler: README.md next to this file.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable
 
 from diffusion.samplers import consistency, ddim, ddpm, dpm_solver, karras, plms
+from diffusion.schedules import make_schedule
 
 SAMPLERS: dict[str, Callable] = {
     "ddpm": ddpm.sample,
@@ -50,19 +57,27 @@ ALIASES: dict[str, str] = {
     "edm": "heun",
     "pndm": "plms",
 }
-# Network evaluations per step, for samplers that make more than one.
-_NFE_PER_STEP: dict[str, int] = {}
-# Samplers whose count is not a multiple of num_steps: fn(num_steps, **options) -> NFE.
-_NFE_FNS: dict[str, Callable[..., int]] = {
-    "dpm_solver_1": functools.partial(dpm_solver.nfe_singlestep, order=1),
-    "dpm_solver_2": functools.partial(dpm_solver.nfe_singlestep, order=2),
-    "dpm_solver_3": functools.partial(dpm_solver.nfe_singlestep, order=3),
-    "dpmpp_2s": functools.partial(dpm_solver.nfe_singlestep, order=2),
-    "dpmpp_2m": dpm_solver.nfe_multistep,
-    "dpmpp_3m": dpm_solver.nfe_multistep,
-    "heun": karras.nfe_heun,
-    "plms": plms.nfe,
+# name -> fn(schedule, num_steps, **options) -> the compiled plan (plan.Tables) that the
+# sampler runs with those options; its num_evals is the NFE.
+PLANS: dict[str, Callable] = {
+    "dpm_solver_1": functools.partial(dpm_solver.plan_singlestep, order=1),
+    "dpm_solver_2": functools.partial(dpm_solver.plan_singlestep, order=2),
+    "dpm_solver_3": functools.partial(dpm_solver.plan_singlestep, order=3),
+    "dpmpp_2s": functools.partial(dpm_solver.plan_singlestep, order=2, data_form=True),
+    "dpmpp_2m": functools.partial(dpm_solver.plan_multistep, order=2),
+    "dpmpp_3m": functools.partial(dpm_solver.plan_multistep, order=3),
+    "euler": karras.plan_karras,
+    "heun": functools.partial(karras.plan_karras, heun=True),
+    "euler_a": lambda schedule, n, eta=1.0, **o: karras.plan_karras(schedule, n,
+                                                                    ancestral_eta=eta, **o),
+    "plms": plms.plan_plms,
+    "consistency": consistency.plan_consistency,
 }
+# Samplers with their own loop: fn(schedule, num_steps, **options) -> NFE.
+_NUM_EVALS: dict[str, Callable[..., int]] = {"ddpm": ddpm.num_evals, "ddim": ddim.num_evals}
+# Arguments of a sampler that are not options (they never change the NFE).
+_RUNTIME_ARGS = ("denoiser", "key", "shape", "num_steps", "y", "guidance", "x_T",
+                 "sample_offset", "x_init")
 
 
 def canonical_name(name: str) -> str:
@@ -77,9 +92,29 @@ def get_sampler(name: str) -> Callable:
     return SAMPLERS[canonical_name(name)]
 
 
-def nfe(name: str, num_steps: int, **options) -> int:
-    """Network evaluations per sample; options that do not affect the count are ignored."""
+@functools.lru_cache(maxsize=None)
+def _default_schedule():
+    return make_schedule("linear", 1000)
+
+
+def check_options(name: str, options: dict) -> None:
+    """Raises ValueError naming any option that sampler `name` does not take."""
+    params = inspect.signature(get_sampler(name)).parameters
+    unknown = sorted(k for k in options if k not in params or k in _RUNTIME_ARGS)
+    if unknown:
+        known = sorted(k for k in params if k not in _RUNTIME_ARGS)
+        raise ValueError(f"sampler {canonical_name(name)!r} has no option(s) {unknown}; "
+                         f"its options: {known}")
+
+
+def nfe(name: str, num_steps: int, schedule=None, **options) -> int:
+    """Network evaluations per sample of sampler `name` run for num_steps with these
+    options (on `schedule`; default DDPM's linear T = 1000, which gives the same count
+    for every schedule unless strength < 1 or num_steps > T): the number of evaluations
+    of the plan the sampler compiles, or of DDPM's / DDIM's steps."""
     name = canonical_name(name)
-    if name in _NFE_FNS:
-        return _NFE_FNS[name](num_steps, **options)
-    return _NFE_PER_STEP.get(name, 1) * num_steps
+    check_options(name, options)
+    schedule = _default_schedule() if schedule is None else schedule
+    if name in _NUM_EVALS:
+        return _NUM_EVALS[name](schedule, num_steps, **options)
+    return PLANS[name](schedule, num_steps, **options).num_evals

@@ -22,35 +22,85 @@ import numpy as np
 
 from diffusion.forward_process import q_sample
 
-SPACINGS = ("linspace", "leading", "trailing")
+SPACINGS = ("linspace", "leading", "trailing", "iddpm")
+PREV_TIMESTEPS = ("next", "stride")
 
 
-def timesteps(T: int, num_steps: int, spacing: str = "trailing") -> np.ndarray:
+def _iddpm_indices(T: int, num_steps: int) -> np.ndarray:
+    """improved-diffusion's space_timesteps(T, str(N)) for one section: N indices from 0
+    to T - 1 at the fractional stride (T - 1) / (N - 1), accumulated in floating point
+    and rounded half to even exactly as the reference code does (DiT samples with it)."""
+    stride = (T - 1) / (num_steps - 1) if num_steps > 1 else 1.0
+    cur, taken = 0.0, []
+    for _ in range(num_steps):
+        taken.append(round(cur))
+        cur += stride
+    return np.asarray(taken, np.int64)
+
+
+def timesteps(T: int, num_steps: int, spacing: str = "trailing",
+              steps_offset: int = 0) -> np.ndarray:
     """Descending discrete indices in [0, T-1] visited by an N-step sampler.
 
-    linspace: round(linspace(0, T-1, N)); leading: k * (T // N) (DDIM's original);
-    trailing: round(T - k T / N) - 1, which always starts at T-1 (Lin et al. 2024).
+    linspace: round(linspace(0, T-1, N)); leading: k * (T // N) + steps_offset (DDIM's
+    original; Stable Diffusion's configs use steps_offset = 1); trailing: round(T - k T / N)
+    - 1, which always starts at T-1 (Lin et al. 2024); iddpm: improved-diffusion's
+    respacing `space_timesteps(T, "N")` (the DiT / ADM samplers), round(k (T-1) / (N-1))
+    with the reference code's accumulated stride, 0 and T-1 included. steps_offset applies
+    to leading only, as in diffusers.
     """
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+    if steps_offset and spacing != "leading":
+        raise ValueError(f"steps_offset={steps_offset} applies to leading spacing only (as in "
+                         f"diffusers), got spacing {spacing!r}")
     if spacing == "linspace":
         idx = np.round(np.linspace(0, T - 1, num_steps)).astype(np.int64)
     elif spacing == "leading":
-        idx = np.arange(num_steps, dtype=np.int64) * (T // num_steps)
+        idx = np.arange(num_steps, dtype=np.int64) * (T // num_steps) + int(steps_offset)
     elif spacing == "trailing":
         idx = np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64) - 1
+    elif spacing == "iddpm":
+        idx = _iddpm_indices(T, num_steps)
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}; known: {SPACINGS}")
+    if not 0 <= idx.min() <= idx.max() <= T - 1:
+        raise ValueError(f"steps_offset={steps_offset} moves {spacing} timesteps out of "
+                         f"[0, {T - 1}]")
     return np.sort(np.unique(idx))[::-1].copy()
 
 
-def time_pairs(schedule, num_steps: int, spacing: str, strength: float = 1.0):
-    """(t, s) float32 arrays [N]: each step goes from t to s < t; the last s is 0.
+def step_times(schedule, num_steps: int, spacing: str = "trailing", *,
+               steps_offset: int = 0, set_alpha_to_one: bool = True,
+               prev_timestep: str = "next") -> tuple[np.ndarray, np.ndarray]:
+    """(t, s) float64 [N]: the continuous times (i + 1) / T of the visited indices i and
+    where each step ends, for the DDIM-style samplers (DDPM, DDIM, PLMS).
+
+    prev_timestep "next": each step ends where the next begins; "stride": at index
+    i - T // N whatever the grid (diffusers' DDIMScheduler / PNDMScheduler, which differs
+    from "next" only where the grid's stride is not T // N, e.g. linspace). A step whose
+    end falls below index 0 ends at t = 0 (alpha_bar = 1, set_alpha_to_one=True, ours) or
+    at the first trained step t = 1/T (set_alpha_to_one=False, Stable Diffusion's setting).
+    """
+    if prev_timestep not in PREV_TIMESTEPS:
+        raise ValueError(f"unknown prev_timestep {prev_timestep!r}; known: {PREV_TIMESTEPS}")
+    T = schedule.T
+    idx = timesteps(T, num_steps, spacing, steps_offset)
+    final = 0.0 if set_alpha_to_one else 1.0 / T
+    t = (idx + 1.0) / T
+    if prev_timestep == "next":
+        s = np.concatenate([t[1:], [final]])
+    else:
+        s_idx = idx - T // num_steps
+        s = np.where(s_idx >= 0, (s_idx + 1.0) / T, final)
+    return t, s
+
+
+def time_pairs(schedule, num_steps: int, spacing: str, strength: float = 1.0, **grid):
+    """(t, s) float32 arrays [N] of `step_times(schedule, num_steps, spacing, **grid)`.
 
     strength < 1 (image-to-image) keeps only the steps with t <= strength."""
-    idx = timesteps(schedule.T, num_steps, spacing)
-    t = (idx + 1.0) / schedule.T
-    s = np.concatenate([t[1:], [0.0]])
+    t, s = step_times(schedule, num_steps, spacing, **grid)
     if strength < 1.0:
         keep = t <= strength + 1e-6
         if not keep.any():

@@ -58,3 +58,10 @@ def sample(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, 
     steps = jnp.arange(t_all.shape[0], dtype=jnp.uint32)
     x, _ = jax.lax.scan(step, x, (steps, t_all, s_all))
     return x
+
+
+def num_evals(schedule, num_steps: int, *, strength: float = 1.0, spacing: str = "trailing",
+              variance: str = "small") -> int:
+    """Network evaluations of `sample` with these options (one a step kept)."""
+    del variance
+    return int(time_pairs(schedule, num_steps, spacing, strength)[0].shape[0])

@@ -8,11 +8,28 @@ its linear part is exact: from s to t, h = lam_t - lam_s,
 
 and the integrals are approximated from Taylor expansions of eps or x0 in lam.
 
-Grid: num_steps + 1 times from t_T = 1 to t_0 = 1/T (the schedule's first trained step),
-uniform in lam ("logSNR", default), in t ("time_uniform") or in sqrt(t)
+Grid (`skip_type`): num_steps + 1 times from t_T = 1 to t_0 = 1/T (the schedule's first
+trained step), uniform in lam ("logSNR", default), in t ("time_uniform") or in sqrt(t)
 ("time_quadratic"). The result is x at t_0 (the papers' default; its noise level is
 sigma(1/T), 0.01 for DDPM's linear schedule), or with `denoise_to_zero` the model's x0
-there, at one more evaluation.
+there, at one more evaluation. t_T = 1 is the last trained step: lam = -8.3 for a
+zero-terminal-SNR schedule (its alpha_bar is floored at 2^-24, as in diffusers), -5.0 for
+DDPM's linear one, -9.9 for cosine, so a uniform-in-lam grid spends no steps in noise no
+model distinguishes from pure noise.
+
+diffusers' DPMSolverMultistepScheduler grids, as skip_type values: "linspace",
+"leading" (with steps_offset), "trailing" (its timestep_spacing: N discrete steps, see
+`grids.dpm_discrete_indices`), and "karras" (use_karras_sigmas: N levels of Karras et
+al.'s eq. 5 between sigma_min and sigma_max, by default as for the Karras samplers,
+sigma_ve(1/T) and min(80, sigma_ve(1)); diffusers starts at the trained maximum, so pass
+sigma_max=grids.ve_sigma_range(schedule)[1] to match it where that exceeds 80). Each is
+followed by the final level, `final_step`: "sigma_min" (t = 1/T; diffusers'
+final_sigmas_type="sigma_min") or "zero" (t = 0: the last step is first order and returns
+the model's x0 at the last evaluation, no extra evaluation; diffusers' default). For the
+lam-uniform grids, "zero" moves t_0 to 0. The network is evaluated at the exact time of
+each level (a fractional c_noise on the Karras grid, where diffusers rounds the
+timestep it feeds the network: the same for an exact model, within half a step of the
+noise conditioning for a trained one).
 
 num_steps counts solver steps (grid intervals):
   dpm_solver_{1,2,3}  singlestep, eps form, order k: k evaluations a step, NFE = k N.
@@ -20,8 +37,11 @@ num_steps counts solver steps (grid intervals):
   dpmpp_2s            singlestep second order, data form: NFE = 2 N.
   dpmpp_2m, dpmpp_3m  multistep, data form, reusing the last 1 or 2 steps' x0: NFE = N.
                       The first steps use orders 1, 2, ... until enough history exists;
-                      with `lower_order_final` and N < 10 (the reference code's rule), the
-                      last steps drop to orders 2 and 1, which stabilises few-step runs.
+                      with `lower_order_final` and N < lower_order_final_below (10, the
+                      reference code's rule; diffusers uses 15), the last steps drop to
+                      orders 2 and 1, which stabilises few-step runs.
+                      dpmpp3m_coef: "derived" (ours, measured third order) or "diffusers"
+                      (its 3M weight of D2, half ours; see `_multistep_update`).
 (+1 with denoise_to_zero.)
 """
 from __future__ import annotations
@@ -42,8 +62,33 @@ def _coeffs(schedule, t):
             float(grids.lam(schedule, t)))
 
 
-def _times(schedule, num_steps, skip_type, strength):
-    t = grids.dpm_solver_times(schedule, num_steps, skip_type)
+SKIP_TYPES = grids.SKIP_TYPES + grids.DPM_SPACINGS + ("karras",)
+FINAL_STEPS = ("sigma_min", "zero")
+DPMPP3M_COEFS = {"derived": 2.0, "diffusers": 1.0}
+
+
+def _times(schedule, num_steps, skip_type, strength, *, final_step="sigma_min",
+           steps_offset=0, sigma_min=None, sigma_max=None, rho=7.0):
+    """num_steps + 1 descending times; see the module docstring."""
+    if final_step not in FINAL_STEPS:
+        raise ValueError(f"unknown final_step {final_step!r}; known: {FINAL_STEPS}")
+    if steps_offset and skip_type != "leading":
+        raise ValueError(f"steps_offset={steps_offset} applies to skip_type='leading' only")
+    if (sigma_min is not None or sigma_max is not None) and skip_type != "karras":
+        raise ValueError("sigma_min / sigma_max apply to skip_type='karras' only")
+    final = 0.0 if final_step == "zero" else 1.0 / schedule.T
+    if skip_type in grids.SKIP_TYPES:
+        t = grids.dpm_solver_times(schedule, num_steps, skip_type)
+        t[-1] = final
+    elif skip_type in grids.DPM_SPACINGS:
+        idx = grids.dpm_discrete_indices(schedule.T, num_steps, skip_type, steps_offset)
+        t = np.concatenate([(idx + 1.0) / schedule.T, [final]])
+    elif skip_type == "karras":
+        sig = grids.ve_sigmas(schedule, num_steps, "karras", sigma_min=sigma_min,
+                              sigma_max=sigma_max, rho=rho)[:-1]
+        t = np.concatenate([grids.t_from_ve_sigma(schedule, sig), [final]])
+    else:
+        raise ValueError(f"unknown skip_type {skip_type!r}; known: {SKIP_TYPES}")
     return grids.truncate_for_strength(t, strength)
 
 
@@ -95,7 +140,7 @@ def _singlestep_2s(plan: Plan, schedule, x: Form, s: float, t: float) -> Form:
 
 
 def _multistep_update(x: Form, hist: list, lam_t: float, a_t: float, sig_t: float,
-                      sig_s: float, order: int) -> Form:
+                      sig_s: float, order: int, d2_coef: float = 2.0) -> Form:
     """DPM-Solver++ multistep step of `order` from the newest history point s to t.
 
     hist: [(lam, x0 form)], newest last. x0 is modelled as the polynomial through the
@@ -125,8 +170,9 @@ def _multistep_update(x: Form, hist: list, lam_t: float, a_t: float, sig_t: floa
     phi3 = phi2 / h - 0.5
     # int_0^h e^{-(h-u)} u^2 / 2 du = -h^2 phi3, and D2 holds h^2 x0'' / 2: hence the 2.
     # (The DPM-Solver and diffusers codes use 1 here, which measures as second order on
-    # an exact Gaussian-mixture denoiser; with 2 the test sees third order.)
-    return x_t + (a_t * phi2) * d1 - (2.0 * a_t * phi3) * d2
+    # an exact Gaussian-mixture denoiser; with 2 the test sees third order.
+    # dpmpp3m_coef="diffusers" passes d2_coef = 1 to reproduce them.)
+    return x_t + (a_t * phi2) * d1 - (d2_coef * a_t * phi3) * d2
 
 
 def plan_singlestep(schedule, num_steps: int, *, order: int, data_form: bool = False,
@@ -150,11 +196,21 @@ def plan_singlestep(schedule, num_steps: int, *, order: int, data_form: bool = F
 
 
 def plan_multistep(schedule, num_steps: int, *, order: int, skip_type: str = "logSNR",
-                   lower_order_final: bool = True, denoise_to_zero: bool = False,
-                   strength: float = 1.0):
+                   lower_order_final: bool = True, lower_order_final_below: int = 10,
+                   denoise_to_zero: bool = False, strength: float = 1.0,
+                   final_step: str = "sigma_min", steps_offset: int = 0,
+                   sigma_min: float | None = None, sigma_max: float | None = None,
+                   rho: float = 7.0, dpmpp3m_coef: str = "derived"):
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ multistep order must be 1, 2 or 3, got {order}")
-    t = _times(schedule, num_steps, skip_type, strength)
+    if dpmpp3m_coef not in DPMPP3M_COEFS:
+        raise ValueError(f"unknown dpmpp3m_coef {dpmpp3m_coef!r}; known: "
+                         f"{tuple(DPMPP3M_COEFS)}")
+    if denoise_to_zero and final_step == "zero":
+        raise ValueError("denoise_to_zero=True with final_step='zero': the last step already "
+                         "returns the model's x0; use one of them")
+    t = _times(schedule, num_steps, skip_type, strength, final_step=final_step,
+               steps_offset=steps_offset, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     n = len(t) - 1
     plan = Plan(t_start=t[0])
     x, hist = plan.start, []
@@ -164,9 +220,15 @@ def plan_multistep(schedule, num_steps: int, *, order: int, skip_type: str = "lo
         p = plan.evaluate(x, t[i])
         hist = (hist + [(l_s, p.x0)])[-order:]
         step_order = min(order, i + 1)
-        if lower_order_final and n < 10:
+        if lower_order_final and n < lower_order_final_below:
             step_order = min(step_order, n - i)
-        x = _multistep_update(p.x, hist, l_t, a_t, sig_t, sig_s, step_order)
+        if t[i + 1] == 0.0 or l_t == l_s:
+            # To sigma = 0 (final_step "zero") only the first-order step is defined (it
+            # returns x0); a zero-length step (a Karras grid ending at sigma_min, then
+            # final_step "sigma_min") leaves x as it is.
+            step_order = 1
+        x = _multistep_update(p.x, hist, l_t, a_t, sig_t, sig_s, step_order,
+                              DPMPP3M_COEFS[dpmpp3m_coef])
     if denoise_to_zero:
         x = plan.evaluate(x, t[-1]).x0
     return plan.compile(x)
@@ -192,19 +254,18 @@ def sample_singlestep(denoiser: Denoiser, key: jax.Array, shape: tuple, num_step
 def sample_multistep(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *,
                      order: int = 2, y=None, guidance=None, x_T=None, sample_offset=0,
                      x_init=None, strength: float = 1.0, skip_type: str = "logSNR",
-                     lower_order_final: bool = True,
-                     denoise_to_zero: bool = False) -> jnp.ndarray:
+                     lower_order_final: bool = True, lower_order_final_below: int = 10,
+                     denoise_to_zero: bool = False, final_step: str = "sigma_min",
+                     steps_offset: int = 0, sigma_min: float | None = None,
+                     sigma_max: float | None = None, rho: float = 7.0,
+                     dpmpp3m_coef: str = "derived") -> jnp.ndarray:
     """DPM-Solver++({order}M) in data form."""
     check_img2img(shape, x_T, x_init, strength)
     tables = plan_multistep(denoiser.schedule, num_steps, order=order, skip_type=skip_type,
                             lower_order_final=lower_order_final,
-                            denoise_to_zero=denoise_to_zero, strength=strength)
+                            lower_order_final_below=lower_order_final_below,
+                            denoise_to_zero=denoise_to_zero, strength=strength,
+                            final_step=final_step, steps_offset=steps_offset,
+                            sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+                            dpmpp3m_coef=dpmpp3m_coef)
     return _run(tables, denoiser, key, shape, y, guidance, x_T, sample_offset, x_init)
-
-
-def nfe_singlestep(num_steps: int, order: int, denoise_to_zero: bool = False, **_) -> int:
-    return order * num_steps + int(bool(denoise_to_zero))
-
-
-def nfe_multistep(num_steps: int, denoise_to_zero: bool = False, **_) -> int:
-    return num_steps + int(bool(denoise_to_zero))

@@ -90,6 +90,34 @@ def dpm_solver_times(schedule, num_intervals: int, skip_type: str = "logSNR",
     return t
 
 
+DPM_SPACINGS = ("linspace", "leading", "trailing")
+
+
+def dpm_discrete_indices(T: int, num_steps: int, spacing: str,
+                         steps_offset: int = 0) -> np.ndarray:
+    """The N descending indices diffusers' DPMSolverMultistepScheduler visits with
+    `timestep_spacing`: linspace and leading place N + 1 points (from 0) and drop the
+    lowest, leading with stride T // (N + 1) plus steps_offset; trailing is
+    `base.timesteps`' trailing. The step after the last index goes to the final level."""
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+    if steps_offset and spacing != "leading":
+        raise ValueError(f"steps_offset={steps_offset} applies to leading spacing only (as in "
+                         f"diffusers), got {spacing!r}")
+    if spacing == "linspace":
+        idx = np.round(np.linspace(0, T - 1, num_steps + 1))[::-1][:-1]
+    elif spacing == "leading":
+        idx = (np.arange(num_steps + 1) * (T // (num_steps + 1)))[::-1][:-1] + int(steps_offset)
+    elif spacing == "trailing":
+        idx = np.round(np.arange(T, 0, -T / num_steps)) - 1
+    else:
+        raise ValueError(f"unknown DPM-Solver spacing {spacing!r}; known: {DPM_SPACINGS}")
+    idx = idx.astype(np.int64)
+    if not 0 <= idx.min() <= idx.max() <= T - 1:
+        raise ValueError(f"steps_offset={steps_offset} moves the timesteps out of [0, {T - 1}]")
+    return idx
+
+
 def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float,
                   rho: float = 7.0) -> np.ndarray:
     """Karras et al. (2022) eq. 5: num_steps descending levels from sigma_max to sigma_min,
@@ -106,7 +134,8 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float,
 
 def ve_sigmas(schedule, num_steps: int, sigma_schedule: str = "karras", *,
               sigma_min: float | None = None, sigma_max: float | None = None,
-              rho: float = 7.0, spacing: str = "trailing") -> np.ndarray:
+              rho: float = 7.0, spacing: str = "trailing", steps_offset: int = 0,
+              fractional_timesteps: bool = False) -> np.ndarray:
     """num_steps descending VE noise levels followed by 0 (shape [num_steps + 1]).
 
     karras: eq. 5 between sigma_min (default: the schedule's smallest trained level) and
@@ -114,15 +143,27 @@ def ve_sigmas(schedule, num_steps: int, sigma_schedule: str = "karras", *,
     cosine table ends at 2e4 and a zero-terminal-SNR one at 4096, and ten steps spread
     from there waste most of their budget); values outside the trained range are clipped
     into it, since the network has never seen them. timesteps: sigma_ve at the discrete
-    steps `timesteps(T, num_steps, spacing)`.
+    steps `timesteps(T, num_steps, spacing, steps_offset)`; with fractional_timesteps
+    (linspace only) at the unrounded linspace(0, T - 1, N) indices, sigma_ve interpolated
+    linearly in the index between the table's levels, as diffusers' Euler and Heun
+    schedulers do (interpolation_type="linear").
     """
+    if fractional_timesteps and (sigma_schedule != "timesteps" or spacing != "linspace"):
+        raise ValueError("fractional_timesteps needs sigma_schedule='timesteps' and "
+                         f"spacing='linspace', got {sigma_schedule!r}, {spacing!r}")
     lo, hi = ve_sigma_range(schedule)
     if sigma_schedule == "karras":
         s_min = lo if sigma_min is None else float(np.clip(sigma_min, lo, hi))
         s_max = min(SIGMA_MAX, hi) if sigma_max is None else float(np.clip(sigma_max, lo, hi))
         sig = karras_sigmas(num_steps, s_min, s_max, rho)
+    elif sigma_schedule == "timesteps" and fractional_timesteps:
+        if not 1 <= num_steps <= schedule.T:
+            raise ValueError(f"num_steps must be in [1, {schedule.T}], got {num_steps}")
+        idx = np.linspace(0, schedule.T - 1, num_steps)[::-1]
+        table = ve_sigma(schedule, np.arange(1, schedule.T + 1) / schedule.T)
+        sig = np.interp(idx, np.arange(schedule.T), table)
     elif sigma_schedule == "timesteps":
-        idx = timesteps(schedule.T, num_steps, spacing)
+        idx = timesteps(schedule.T, num_steps, spacing, steps_offset)
         sig = ve_sigma(schedule, (idx + 1.0) / schedule.T)
     else:
         raise ValueError(f"unknown sigma_schedule {sigma_schedule!r}; "

@@ -12,9 +12,13 @@ zero-terminal-SNR one at 4096, and Heun-10 from there is 4x worse, or diverges, 
 the exact ODE solution); values outside the trained range are clipped into it. For
 DDPM's linear schedule (trained up to 157) diffusers' Karras grids start at the trained
 maximum: pass sigma_max=grids.ve_sigma_range(schedule)[1] to match them. "timesteps" uses sigma_ve at the
-discrete steps of `base.timesteps(T, N, spacing)`. Either way a final step goes to
+discrete steps of `base.timesteps(T, N, spacing, steps_offset)`, or with
+`fractional_timesteps` (linspace) at unrounded indices, as diffusers' Euler / Heun
+schedulers place them (see `grids.ve_sigmas`). Either way a final step goes to
 sigma = 0 (there the result is D itself). The start state x_T ~ N(0, I) is the VP state
-at the first level, so x_ve = x_T / alpha there.
+at the first level, so x_ve = x_T / alpha there (init_noise="vp"); init_noise="sigma_max"
+takes x_ve = sigma_max x_T instead, diffusers' init_noise_sigma for its linspace and
+trailing spacings (its leading spacing is "vp").
 
   euler    N steps, NFE = N.
   heun     N steps, each Euler plus a trapezoidal correction, except the last (to
@@ -42,10 +46,15 @@ from diffusion.samplers.base import check_img2img
 from diffusion.samplers.plan import Plan, run_plan
 
 
+INIT_NOISES = ("vp", "sigma_max")
+
+
 def _levels(schedule, num_steps, sigma_schedule, sigma_min, sigma_max, rho, spacing,
-            strength):
+            strength, steps_offset=0, fractional_timesteps=False):
     sig = grids.ve_sigmas(schedule, num_steps, sigma_schedule, sigma_min=sigma_min,
-                          sigma_max=sigma_max, rho=rho, spacing=spacing)
+                          sigma_max=sigma_max, rho=rho, spacing=spacing,
+                          steps_offset=steps_offset,
+                          fractional_timesteps=fractional_timesteps)
     if strength < 1.0:
         t = np.concatenate([grids.t_from_ve_sigma(schedule, sig[:-1]), [0.0]])
         sig = sig[t <= grids.truncate_for_strength(t, strength)[0]]
@@ -57,18 +66,24 @@ def plan_karras(schedule, num_steps: int, *, heun: bool = False,
                 sigma_min: float | None = None, sigma_max: float | None = None,
                 rho: float = 7.0, spacing: str = "trailing", S_churn: float = 0.0,
                 S_tmin: float = 0.0, S_tmax: float = math.inf, S_noise: float = 1.0,
-                strength: float = 1.0):
+                strength: float = 1.0, steps_offset: int = 0,
+                fractional_timesteps: bool = False, init_noise: str = "vp"):
     if S_churn < 0 or S_noise < 0:
         raise ValueError(f"S_churn and S_noise must be >= 0, got {S_churn}, {S_noise}")
     if ancestral_eta is not None and ancestral_eta < 0:
         raise ValueError(f"ancestral eta must be >= 0, got {ancestral_eta}")
+    if init_noise not in INIT_NOISES:
+        raise ValueError(f"unknown init_noise {init_noise!r}; known: {INIT_NOISES}")
+    if init_noise != "vp" and strength < 1.0:
+        raise ValueError("image-to-image (strength < 1) starts from the VP state x_init "
+                         "noised to t_start: it needs init_noise='vp'")
     sig = _levels(schedule, num_steps, sigma_schedule, sigma_min, sigma_max, rho, spacing,
-                  strength)
+                  strength, steps_offset, fractional_timesteps)
     top = grids.ve_sigma_range(schedule)[1]
     t_of = lambda s: float(grids.t_from_ve_sigma(schedule, s))
     a_of = lambda s: 1.0 / math.sqrt(1.0 + s * s)  # alpha at sigma_ve = s
     plan = Plan(t_start=t_of(sig[0]))
-    x_ve = plan.start / a_of(sig[0])
+    x_ve = plan.start / a_of(sig[0]) if init_noise == "vp" else float(sig[0]) * plan.start
     for s, s_next in zip(sig[:-1], sig[1:]):
         s, s_next = float(s), float(s_next)
         churn = S_tmin <= s <= S_tmax
@@ -108,12 +123,14 @@ def sample_euler(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: in
                  sigma_min: float | None = None, sigma_max: float | None = None,
                  rho: float = 7.0, spacing: str = "trailing", S_churn: float = 0.0,
                  S_tmin: float = 0.0, S_tmax: float = math.inf,
-                 S_noise: float = 1.0) -> jnp.ndarray:
+                 S_noise: float = 1.0, steps_offset: int = 0,
+                 fractional_timesteps: bool = False, init_noise: str = "vp") -> jnp.ndarray:
     return _sample(denoiser, key, shape, num_steps, y=y, guidance=guidance, x_T=x_T,
                    sample_offset=sample_offset, x_init=x_init, strength=strength,
                    sigma_schedule=sigma_schedule, sigma_min=sigma_min, sigma_max=sigma_max,
                    rho=rho, spacing=spacing, S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax,
-                   S_noise=S_noise)
+                   S_noise=S_noise, steps_offset=steps_offset,
+                   fractional_timesteps=fractional_timesteps, init_noise=init_noise)
 
 
 def sample_heun(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, y=None,
@@ -122,12 +139,14 @@ def sample_heun(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int
                 sigma_min: float | None = None, sigma_max: float | None = None,
                 rho: float = 7.0, spacing: str = "trailing", S_churn: float = 0.0,
                 S_tmin: float = 0.0, S_tmax: float = math.inf,
-                S_noise: float = 1.0) -> jnp.ndarray:
+                S_noise: float = 1.0, steps_offset: int = 0,
+                fractional_timesteps: bool = False, init_noise: str = "vp") -> jnp.ndarray:
     return _sample(denoiser, key, shape, num_steps, y=y, guidance=guidance, x_T=x_T,
                    sample_offset=sample_offset, x_init=x_init, strength=strength, heun=True,
                    sigma_schedule=sigma_schedule, sigma_min=sigma_min, sigma_max=sigma_max,
                    rho=rho, spacing=spacing, S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax,
-                   S_noise=S_noise)
+                   S_noise=S_noise, steps_offset=steps_offset,
+                   fractional_timesteps=fractional_timesteps, init_noise=init_noise)
 
 
 def sample_euler_ancestral(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *,
@@ -135,12 +154,12 @@ def sample_euler_ancestral(denoiser: Denoiser, key: jax.Array, shape: tuple, num
                            strength: float = 1.0, eta: float = 1.0, S_noise: float = 1.0,
                            sigma_schedule: str = "karras", sigma_min: float | None = None,
                            sigma_max: float | None = None, rho: float = 7.0,
-                           spacing: str = "trailing") -> jnp.ndarray:
+                           spacing: str = "trailing", steps_offset: int = 0,
+                           fractional_timesteps: bool = False,
+                           init_noise: str = "vp") -> jnp.ndarray:
     return _sample(denoiser, key, shape, num_steps, y=y, guidance=guidance, x_T=x_T,
                    sample_offset=sample_offset, x_init=x_init, strength=strength,
                    ancestral_eta=eta, S_noise=S_noise, sigma_schedule=sigma_schedule,
-                   sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, spacing=spacing)
-
-
-def nfe_heun(num_steps: int, **_) -> int:
-    return 2 * num_steps - 1
+                   sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, spacing=spacing,
+                   steps_offset=steps_offset, fractional_timesteps=fractional_timesteps,
+                   init_noise=init_noise)

@@ -16,6 +16,10 @@ The first steps lack history; `warmup` chooses how they start:
 
 A warm-up step whose end is t = 0 falls back to Adams-Bashforth (the model is never
 evaluated at t = 0, where sigma = 0), which the NFE counts above include.
+
+diffusers' PNDMScheduler is warmup="pseudo_euler" (skip_prk_steps=True, Stable
+Diffusion's setting) or "prk" (skip_prk_steps=False), with its grid conventions as
+options (`base.step_times`): steps_offset, set_alpha_to_one, prev_timestep="stride".
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import numpy as np
 
 from diffusion.denoiser import Denoiser
 from diffusion.samplers import grids
-from diffusion.samplers.base import check_img2img, timesteps
+from diffusion.samplers.base import check_img2img, step_times
 from diffusion.samplers.plan import Form, Plan, run_plan
 
 WARMUPS = ("pseudo_euler", "prk", "lower_order")
@@ -35,21 +39,23 @@ _AB = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12),
 
 
 def plan_plms(schedule, num_steps: int, *, spacing: str = "trailing",
-              warmup: str = "pseudo_euler", strength: float = 1.0):
+              warmup: str = "pseudo_euler", strength: float = 1.0, steps_offset: int = 0,
+              set_alpha_to_one: bool = True, prev_timestep: str = "next"):
     if warmup not in WARMUPS:
         raise ValueError(f"unknown PLMS warmup {warmup!r}; known: {WARMUPS}")
-    idx = timesteps(schedule.T, num_steps, spacing)
-    times = grids.truncate_for_strength(np.concatenate([(idx + 1.0) / schedule.T, [0.0]]),
-                                        strength)
+    t_all, s_all = step_times(schedule, num_steps, spacing, steps_offset=steps_offset,
+                              set_alpha_to_one=set_alpha_to_one, prev_timestep=prev_timestep)
+    keep = grids.truncate_for_strength(np.concatenate([t_all, [0.0]]), strength)[:-1]
+    pairs = list(zip(t_all[-len(keep):], s_all[-len(keep):]))
     coef = lambda t: (float(grids.alpha(schedule, t)), float(grids.sigma(schedule, t)))
 
     def phi(x: Form, e: Form, t: float, s: float) -> Form:
         (a_t, sig_t), (a_s, sig_s) = coef(t), coef(s)
         return (a_s / a_t) * x + (sig_s - a_s * sig_t / a_t) * e
 
-    plan = Plan(t_start=times[0])
+    plan = Plan(t_start=pairs[0][0])
     x, history = plan.start, []
-    for t, s in zip(times[:-1], times[1:]):
+    for t, s in pairs:
         t, s = float(t), float(s)
         p = plan.evaluate(x, t)
         x, e = p.x, p.eps
@@ -72,17 +78,11 @@ def plan_plms(schedule, num_steps: int, *, spacing: str = "trailing",
 
 def sample(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, y=None,
            guidance=None, x_T=None, sample_offset=0, x_init=None, strength: float = 1.0,
-           spacing: str = "trailing", warmup: str = "pseudo_euler") -> jnp.ndarray:
+           spacing: str = "trailing", warmup: str = "pseudo_euler", steps_offset: int = 0,
+           set_alpha_to_one: bool = True, prev_timestep: str = "next") -> jnp.ndarray:
     check_img2img(shape, x_T, x_init, strength)
     tables = plan_plms(denoiser.schedule, num_steps, spacing=spacing, warmup=warmup,
-                       strength=strength)
+                       strength=strength, steps_offset=steps_offset,
+                       set_alpha_to_one=set_alpha_to_one, prev_timestep=prev_timestep)
     return run_plan(tables, denoiser, key, shape, y=y, guidance=guidance, x_T=x_T,
                     sample_offset=sample_offset, x_init=x_init)
-
-
-def nfe(num_steps: int, warmup: str = "pseudo_euler", **_) -> int:
-    if warmup == "pseudo_euler":
-        return num_steps + (1 if num_steps > 1 else 0)
-    if warmup == "prk":
-        return num_steps + 3 * min(3, num_steps - 1)
-    return num_steps

@@ -14,7 +14,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffusion import samplers
 from experiments.sampler_benchmark import report
 from experiments.sampler_benchmark.specs import sampler_runs
 
@@ -73,8 +72,11 @@ def run_and_report(args, specs, nfes, out: str, command: str) -> None:
     bs = int(np.ceil(min(config.sample.batch_size, n) / n_dev) * n_dev)
     key = jax.random.key(args.seed)
     rows = []
-    for spec, target, steps in sampler_runs(specs, nfes, run.schedule.T):
-        options = {**sampling.sampler_options(config.sample, spec.name), **spec.options}
+    options_for = lambda spec: {**sampling.sampler_options(config.sample, spec.name),  # noqa: E731
+                                **spec.options}
+    for spec, target, steps, nfe in sampler_runs(specs, nfes, run.schedule.T, run.schedule,
+                                                 options_for):
+        options = options_for(spec)
         fn = sampling.make_sample_fn(
             lambda params: run.objective.denoiser(run, params), image_shape=run.image_shape,
             num_classes=run.num_classes, sampler=spec.name, num_steps=steps, batch_size=bs,
@@ -87,7 +89,7 @@ def run_and_report(args, specs, nfes, out: str, command: str) -> None:
         wall = time.perf_counter() - t0
         metrics = evaluation.evaluate_samples(fit_to(x), feature_fn, ref, mesh=run.mesh)
         metrics.pop("num_samples", None)
-        row = dict(sampler=spec.label, steps=steps, nfe=samplers.nfe(spec.name, steps),
+        row = dict(sampler=spec.label, steps=steps, nfe=nfe,
                    **{k: float(v) for k, v in metrics.items()},
                    ms_per_sample=1e3 * wall / n, target_nfe=target)
         rows.append(row)

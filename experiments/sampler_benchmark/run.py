@@ -8,7 +8,9 @@ ground truth (a Gaussian mixture) or, for a trained checkpoint, with FID-style m
 
 --samplers: comma-separated registry names, each optionally with options,
 name:key=value[:key=value] (e.g. ddim:eta=1.0); "all" (default) = every registered
-sampler. A sampler's steps are the most whose NFE (samplers.nfe) fits the target.
+sampler. A sampler's steps are the most whose NFE (samplers.nfe with the sampler's
+options, counted from its compiled plan) fits the target; the nfe column is that count,
+which is below the target where no step count reaches it exactly.
 Writes results.csv, results.md, metrics.png and TensorBoard scalars (tag
 "<sampler>/<metric>", step = NFE) into --out.
 
@@ -50,10 +52,10 @@ CONSISTENCY_SAMPLERS = ("consistency",)
 
 
 def _group_by_spec(runs):
-    """(spec, target, steps) triples -> (spec, [(target, steps), ...]) per spec."""
+    """(spec, target, steps, nfe) -> (spec, [(target, steps, nfe), ...]) per spec."""
     grouped = {}
-    for spec, target, steps in runs:
-        grouped.setdefault(id(spec), (spec, []))[1].append((target, steps))
+    for spec, target, steps, nfe in runs:
+        grouped.setdefault(id(spec), (spec, []))[1].append((target, steps, nfe))
     return list(grouped.values())
 
 
@@ -134,7 +136,7 @@ def run_analytic(args, specs, nfes) -> tuple[list[dict], dict]:
                                              num_steps=args.ref_steps)
         return refs[t_end]
     cm_denoiser = None
-    for spec, runs in _group_by_spec(sampler_runs(specs, nfes, schedule.T)):
+    for spec, runs in _group_by_spec(sampler_runs(specs, nfes, schedule.T, schedule)):
         den = denoiser
         if spec.name in CONSISTENCY_SAMPLERS:
             if args.samplers == "all" and gmm.num_components > 1 and gmm.dim > 64:
@@ -146,7 +148,7 @@ def run_analytic(args, specs, nfes) -> tuple[list[dict], dict]:
                                                          ode_steps=args.cm_ode_steps)
             den = cm_denoiser
         outputs, stochastic = [], False
-        for target, steps in runs:
+        for target, steps, nfe in runs:
             try:
                 # Once stochastic, always (a one-step consistency sampler is deterministic,
                 # its multistep form is not): later step counts skip the second run.
@@ -160,15 +162,15 @@ def run_analytic(args, specs, nfes) -> tuple[list[dict], dict]:
                                  target_nfe=target, error=f"{type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:120]}"))
                 continue
-            outputs.append((target, steps, x, wall, det))
+            outputs.append((target, steps, nfe, x, wall, det))
         if not outputs:
             continue
         t_end = None
-        if any(o[4] for o in outputs):
+        if any(o[5] for o in outputs):
             t_end = sampler_end_time(samplers.get_sampler(spec.name), schedule,
                                      **spec.options)
-        for target, steps, x, wall, det in outputs:
-            row = dict(sampler=spec.label, steps=steps, nfe=samplers.nfe(spec.name, steps),
+        for target, steps, nfe, x, wall, det in outputs:
+            row = dict(sampler=spec.label, steps=steps, nfe=nfe,
                        deterministic=det, **score(x),
                        rmse_ode=M.rmse(x, ref_at(t_end)) if det else None,
                        rmse_x0=M.rmse(x, ref) if det else None,
