@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -87,5 +88,19 @@ def main(argv):
             print(f"wrote {sample_from_workdir(cfg, run_dir, overrides)}", flush=True)
 
 
+def main_with_exit_status(argv):
+    """main, but an error that explains itself (it carries an `exit_code`: bad config,
+    non-finite loss, full disk, workdir in use, SIGTERM after saving) is printed as its
+    one line and exits with that status; see README, "Exit status"."""
+    try:
+        main(argv)
+    except Exception as e:  # noqa: BLE001 - anything without exit_code is re-raised
+        code = getattr(e, "exit_code", None)
+        if not isinstance(code, int):
+            raise
+        print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(code)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main_with_exit_status)

@@ -133,3 +133,154 @@ def test_inception_converter_loads_weights_only(tmp_path, monkeypatch):
         convert_inception.convert(path, str(tmp_path / "out.npz"))
     assert not (tmp_path / "pwned").exists()
     assert calls and all(k.get("weights_only") is True for k in calls)
+
+
+# ----------------------------------------------------------------- the training loop
+
+def _tiny(**train):
+    cfg = get_config("runlocal")
+    cfg.train.sample_every = 0
+    for k, v in train.items():
+        cfg.train[k] = v
+    return cfg
+
+
+def _steps_on_disk(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(s) for s in os.listdir(d)
+                  if s.isdigit() and os.path.exists(os.path.join(d, s, "commit_success.txt")))
+
+
+def _params_finite(workdir, step):
+    from diffusion.checkpointing import Checkpointer
+    run = build_run(_tiny(), workdir)
+    state, _ = run.checkpointer.restore(run.abstract_state, step)
+    run.checkpointer.close()
+    return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+NAN_FROM = 5  # the poisoned step: not a log step (log_every=100), between two saves
+
+
+@pytest.fixture(scope="module")
+def nan_run(tmp_path_factory):
+    """A run whose parameters turn NaN at step 5, checkpointing every 2 steps and
+    logging only every 100: (workdir, the error it stopped with)."""
+    wd = str(tmp_path_factory.mktemp("nan") / "run")
+    real = loop._step_fn
+
+    def poisoned(run):
+        step = real(run)
+
+        def fn(state, batch):
+            new, metrics = step(state, batch)
+            poison = jax.numpy.where(new.step >= NAN_FROM, jax.numpy.nan, 1.0)
+            return new.replace(params=jax.tree.map(lambda p: p * poison, new.params)), metrics
+        return fn
+    loop._step_fn = poisoned
+    try:
+        with pytest.raises(loop.NonFiniteLossError) as info:
+            loop.train_and_evaluate(_tiny(num_steps=12, log_every=100, checkpoint_every=2),
+                                    wd)
+    finally:
+        loop._step_fn = real
+    return wd, info.value
+
+
+def test_nan_between_logs_never_reaches_a_checkpoint(nan_run):
+    wd, err = nan_run
+    msg = str(err)
+    assert f"at step {NAN_FROM}" in msg and "last good checkpoint is step 4" in msg, msg
+    assert "optim.lr" in msg and "\n" not in msg
+    assert _steps_on_disk(wd) == [2, 4]  # nothing saved from step 5 on, nothing rotated out
+    assert _params_finite(wd, 4)
+    rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+    assert all(r["step"] < NAN_FROM for r in rows)
+
+
+def test_resume_after_nan_and_corrupt_newest_falls_back(nan_run, tmp_path, caplog):
+    wd = str(tmp_path / "run")
+    shutil.copytree(nan_run[0], wd)
+    step_dir = os.path.join(wd, "checkpoints", "4", "state", "d")
+    for name in os.listdir(step_dir):  # a truncated data file in the newest checkpoint
+        with open(os.path.join(step_dir, name), "r+b") as f:
+            f.truncate(3)
+    metrics = loop.train_and_evaluate(_tiny(num_steps=4, log_every=2, checkpoint_every=2), wd)
+    assert metrics["step"] == 4 and np.isfinite(metrics["loss"])
+    assert os.path.isdir(os.path.join(wd, "checkpoints", "4.corrupt"))
+    assert any("checkpoints/4 cannot be restored" in r.getMessage() for r in caplog.records)
+    assert _steps_on_disk(wd) == [2, 4] and _params_finite(wd, 4)
+
+
+def test_second_launch_on_a_workdir_is_refused(tmp_path):
+    from diffusion.train.workdir_lock import WorkdirLock, WorkdirLocked
+    wd = str(tmp_path / "run")
+    with WorkdirLock(wd):  # the first run, still alive
+        with pytest.raises(WorkdirLocked, match=f"pid {os.getpid()} on host"):
+            loop.train_and_evaluate(_tiny(), wd)
+    assert not os.path.exists(os.path.join(wd, "checkpoints"))
+    assert not os.path.exists(os.path.join(wd, "config.json"))
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    import socket
+    from diffusion.train.workdir_lock import WorkdirLock
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(f"{socket.gethostname()} {dead.pid}\n")
+    with WorkdirLock(str(tmp_path)) as lock:
+        assert (tmp_path / ".lock").read_text().split()[1] == str(os.getpid())
+    assert lock._fd is None
+
+
+def test_log_write_failing_with_enospc_stops_the_run(tmp_path, monkeypatch):
+    from tensorboardX import record_writer
+    from diffusion.io_errors import WriteFailed
+    real, calls = record_writer.RecordWriter.write, [0]
+
+    def fill_up(self, data):
+        calls[0] += 1
+        if calls[0] > 12:  # the header and hparams fit; the first logged step does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+    monkeypatch.setattr(record_writer.RecordWriter, "write", fill_up)
+    t0 = time.perf_counter()
+    with pytest.raises(WriteFailed, match=r"events\.out\.tfevents.*No space left.*MB free"):
+        loop.train_and_evaluate(_tiny(num_steps=50, log_every=1, checkpoint_every=1000),
+                                str(tmp_path))
+    assert time.perf_counter() - t0 < 120
+
+
+def _launch(workdir, *overrides):
+    cmd = [sys.executable, "launch.py", "--config=configs/default.py:runlocal",
+           f"--workdir={workdir}", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_launch_reports_bad_config_in_one_line_with_its_status(tmp_path):
+    proc = _launch(str(tmp_path / "run"), "--config.train.log_every=0")
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ConfigError: train.log_every must be a positive integer")
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_full_disk_stops_the_run_naming_the_path(tmp_path):
+    """A real 1 MB tmpfs workdir when mounting is permitted (root, not in every container):
+    the first checkpoint does not fit."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0 or os.system(f"mount -t tmpfs -o size=1m tmpfs {mnt} 2>/dev/null"):
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        t0 = time.perf_counter()
+        proc = _launch(str(mnt / "run"), "--config.train.num_steps=100000",
+                       "--config.train.sample_every=0", "--config.train.checkpoint_every=2")
+        assert proc.returncode == 4, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "WriteFailed: writing" in last and "No space left" in last and "MB free" in last
+        assert str(mnt / "run") in last
+        assert time.perf_counter() - t0 < 240
+    finally:
+        os.system(f"umount {mnt}")

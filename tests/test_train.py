@@ -120,7 +120,8 @@ def test_sigterm_saves_then_sigkill_resumes_then_sample(tmp_path):
     _wait_for(lambda: os.path.exists(metrics) and len(_read_jsonl(metrics)) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    assert proc.returncode == loop.EXIT_PREEMPTED, out  # preempted, checkpoint saved
+    assert "relaunch the same command to resume" in out
     saved = _checkpoints(wd)
     assert saved and saved[-1] >= 3 and saved[-1] % 1000, (saved, out)
 

@@ -5,6 +5,13 @@ device values only on logging steps. It resumes from the newest good checkpoint 
 `workdir`, saves every `train.checkpoint_every` steps and on SIGTERM, draws sample
 grids from the EMA and the raw parameters, and stops with a clear message on a
 non-finite loss.
+
+Nothing is lost: every step also computes, on the device, whether the loss and the
+state stayed finite; that flag is read with the logs and before every save, so a
+non-finite state is never saved and the good checkpoints are never rotated out by
+bad ones. A failed write (full disk) stops the run within a step; one run holds the
+workdir at a time (`workdir_lock`); teardown always waits for the checkpointer and
+closes the writers, whatever stopped the run.
 """
 from __future__ import annotations
 
@@ -15,20 +22,35 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from diffusion import images, parallel
 from diffusion.data import BatchIterator
+from diffusion.io_errors import guard
 from diffusion.train import latent_decoding, sampling
 from diffusion.train.setup import Run, build_run, write_config
+from diffusion.train.workdir_lock import WorkdirLock
 from diffusion.writers import MetricWriter, Progress
 
 log = logging.getLogger(__name__)
 
 
+# Exit statuses of `launch.py` (documented in README, "Exit status"): 0 finished,
+# 1 unexpected error, 2 bad config, 3 non-finite values, 4 a write failed (disk full,
+# I/O error), 5 workdir in use, and EXIT_PREEMPTED when SIGTERM stopped the run after
+# saving a checkpoint: relaunching the same command resumes it.
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: "temporary failure, try again"
+
+
 class NonFiniteLossError(FloatingPointError):
-    pass
+    exit_code = 3
+
+
+class Preempted(RuntimeError):
+    """SIGTERM: a checkpoint of the current step was saved, then the run stopped."""
+    exit_code = EXIT_PREEMPTED
 
 
 def _cost_flops(compiled) -> float:
@@ -42,7 +64,7 @@ def _cost_flops(compiled) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
-def _train_step_fn(run: Run):
+def _step_fn(run: Run):
     step = run.objective.make_step(run)
     if run.config.train.fsdp:
         inner = step
@@ -51,9 +73,38 @@ def _train_step_fn(run: Run):
             # All-gather each FSDP-sharded weight for the step, rather than letting XLA
             # re-shard the batch-sharded activations to match the weights' split.
             return inner(state.replace(params=parallel.gathered(state.params, run.mesh)), batch)
+    return step
+
+
+def _train_step_fn(run: Run):
+    """The jitted train step (state, batch) -> (state, metrics)."""
     repl, data = parallel.replicated(run.mesh), parallel.data_sharded(run.mesh)
-    return jax.jit(step, in_shardings=(run.state_sharding, data),
+    return jax.jit(_step_fn(run), in_shardings=(run.state_sharding, data),
                    out_shardings=(run.state_sharding, repl), donate_argnums=0)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
+def _checked_train_step_fn(run: Run):
+    """(state, batch, first_bad) -> (state, metrics, first_bad): first_bad is 0 while
+    the loss and every float of the state have stayed finite, else the first step
+    that was not. Computed on the device every step (one reduction over the state),
+    read only with the logs and before each save, so it costs no host sync."""
+    step = _step_fn(run)
+
+    def checked(state, batch, first_bad):
+        new_state, metrics = step(state, batch)
+        finite = _all_finite((metrics.get("loss", 0.0), new_state))
+        first_bad = jnp.where((first_bad == 0) & ~finite,
+                              state.step.astype(jnp.int32) + 1, first_bad)
+        return new_state, metrics, first_bad
+    repl, data = parallel.replicated(run.mesh), parallel.data_sharded(run.mesh)
+    return jax.jit(checked, in_shardings=(run.state_sharding, data, repl),
+                   out_shardings=(run.state_sharding, repl, repl), donate_argnums=0)
 
 
 def sample_fn_for(run: Run, sampler: str, num_steps: int, batch_size: int):
@@ -67,10 +118,19 @@ def sample_fn_for(run: Run, sampler: str, num_steps: int, batch_size: int):
     return latent_decoding.decoding_sample_fn(run, fn)
 
 
+def _verify_finite(state) -> None:
+    if not bool(jax.jit(_all_finite)(state)):
+        raise FloatingPointError("it holds non-finite values")
+
+
 def restore_or_init(run: Run):
-    """(state, data_step) from the newest good checkpoint, or freshly initialised."""
+    """(state, data_step) from the newest good checkpoint, or freshly initialised.
+
+    A newest checkpoint that cannot be read or holds non-finite values (written by an
+    older version of this loop) is moved aside and the previous one is used."""
     if run.checkpointer.latest_step() is not None:
-        state, extra = run.checkpointer.restore(run.abstract_state)
+        step, state, extra = run.checkpointer.restore_latest(
+            run.abstract_state, verify=_verify_finite, move_aside=True)
         data_step = int(extra.get("data_step", int(state.step)))
         log.info("resumed from checkpoint at step %d", int(state.step))
         return state, data_step
@@ -79,7 +139,8 @@ def restore_or_init(run: Run):
 
 
 class _Sigterm:
-    """Turns SIGTERM into a flag the loop checks, so it can save before exiting."""
+    """Turns SIGTERM into a flag the loop checks, so it can save before exiting. A
+    second SIGTERM is not deferred: it ends the process at once (default action)."""
 
     def __init__(self):
         self.received = False
@@ -93,14 +154,47 @@ class _Sigterm:
         return self
 
     def _handle(self, signum, frame):
+        if self.received:  # asked twice: whatever the loop is waiting on, stop now
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
         self.received = True
+
+    def stop_requested(self, at_sync_point: bool) -> bool:
+        """Whether to stop now. Multi-host: every process must stop at the same step,
+        so the flags are combined only at sync points (log and checkpoint steps)."""
+        if jax.process_count() == 1:
+            return self.received
+        if not at_sync_point:
+            return False
+        from jax.experimental import multihost_utils
+        flags = multihost_utils.process_allgather(np.asarray(self.received, np.int32))
+        return bool(np.any(flags))
 
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _save(run: Run, state, step: int, data_step: int) -> None:
+def _nonfinite_message(run: Run, first_bad: int, loss: float | None = None) -> str:
+    c = run.config
+    step = run.checkpointer.latest_step()
+    good = (f"the last good checkpoint is step {step} ({run.checkpointer.directory}/{step}), "
+            f"kept and resumed from on relaunch" if step is not None
+            else "no checkpoint was saved before it")
+    what = f"loss {loss}" if loss is not None and not math.isfinite(loss) else "values"
+    return (f"non-finite {what} at step {first_bad}; stopped without saving: {good}. "
+            f"Try a lower optim.lr (now {c.optim.lr:g}), optim.grad_clip > 0 (now "
+            f"{c.optim.grad_clip:g}), a longer optim.warmup_steps (now "
+            f"{c.optim.warmup_steps}), or model.dtype=float32 (now {c.model.dtype})")
+
+
+def _save(run: Run, state, step: int, data_step: int, first_bad) -> None:
+    """Saves unless the state went non-finite: then stops, so no checkpoint (and no
+    rotation of the good ones out) ever comes from a diverged run."""
+    bad = int(jax.device_get(first_bad))
+    if bad:
+        run.checkpointer.wait()  # the good saves in flight finish first
+        raise NonFiniteLossError(_nonfinite_message(run, bad))
     # data_step counts the batches the saved state has trained on; the iterator itself
     # has already been advanced past the next batch, which is not consumed yet.
     run.checkpointer.save(step, state, {"data_step": data_step,
@@ -128,19 +222,66 @@ def _write_samples(run: Run, writer: MetricWriter, sample_fn, sample_bs: int, st
         grid = images.make_grid(x, nrow) if np.ndim(x) == 4 else x
         writer.write_images(step, {tag: grid})
         if jax.process_index() == 0:
-            os.makedirs(os.path.join(run.workdir, "samples"), exist_ok=True)
-            images.save_png(os.path.join(run.workdir, "samples", f"{tag}_{step:07d}.png"), grid)
+            path = os.path.join(run.workdir, "samples", f"{tag}_{step:07d}.png")
+            with guard(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                images.save_png(path, grid)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices=None) -> dict:
     """Trains per `config` in `workdir` (resuming if it holds a checkpoint) on `devices`
-    (default: all). Returns the last logged metrics."""
+    (default: all). Returns the last logged metrics.
+
+    Raises NonFiniteLossError, WriteFailed, WorkdirLocked or Preempted (after saving)
+    with one-line messages; each carries the `exit_code` launch.py exits with."""
     run = build_run(config, workdir, devices)
-    c = config
-    write_config(c, run.workdir)
-    writer = MetricWriter(run.workdir, enabled=jax.process_index() == 0)
-    state, data_step = restore_or_init(run)
+    lock = WorkdirLock(run.workdir) if jax.process_index() == 0 else None
+    if lock is not None:
+        lock.acquire()  # before anything is written: a second launch is refused here
+    closers: list = [run.checkpointer.close] + ([lock.release] if lock else [])
+    try:
+        with guard(os.path.join(run.workdir, "config.json")):
+            write_config(config, run.workdir)
+        state, data_step = restore_or_init(run)
+        writer = MetricWriter(run.workdir, enabled=jax.process_index() == 0,
+                              resume_step=int(state.step))
+        closers.insert(0, writer.close)
+        batches = BatchIterator(run.source, config.data.global_batch_size, config.seed,
+                                random_flip=config.data.random_flip,
+                                image_size=run.image_shape[:2],
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count(), start_step=data_step,
+                                prefetch=2)
+        closers.insert(0, batches.close)
+        metrics = _train(run, config, state, data_step, writer, batches)
+    except BaseException:
+        _close_all(closers, raise_first=False)
+        raise
+    _close_all(closers, raise_first=True)
+    return metrics
+
+
+def _close_all(closers, raise_first: bool) -> None:
+    """Runs every closer (checkpointer waits for its saves, writers flush); the first
+    failure is raised afterwards unless another error is already on its way out."""
+    first = None
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - every closer must run
+            if first is None:
+                first = e
+            elif raise_first:
+                log.warning("while closing: %s", e)
+    if first is not None:
+        if raise_first:
+            raise first
+        log.warning("while closing after the error below: %s", str(first).splitlines()[0])
+
+
+def _train(run: Run, c: ml_collections.ConfigDict, state, data_step: int,
+           writer: MetricWriter, batches: BatchIterator) -> dict:
     start = int(state.step)
     if start == 0 and jax.process_index() == 0:
         from clu import parameter_overview
@@ -148,12 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               flush=True)
     writer.write_hparams(c.to_dict())
 
-    batches = BatchIterator(run.source, c.data.global_batch_size, c.seed,
-                            random_flip=c.data.random_flip, image_size=run.image_shape[:2],
-                            process_index=jax.process_index(),
-                            process_count=jax.process_count(), start_step=data_step,
-                            prefetch=2)
-    train_step = _train_step_fn(run)
+    train_step = _checked_train_step_fn(run)
     sample_bs = min(c.sample.batch_size, c.sample.num_samples)
     sample_bs = int(math.ceil(sample_bs / run.mesh.devices.size) * run.mesh.devices.size)
     sample_fn = sample_fn_for(run, c.sample.sampler, c.sample.num_steps, sample_bs)
@@ -164,8 +300,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         evaluate = make_evaluator(run, sample_fn_for)
 
     batch = parallel.global_batch(next(batches), run.mesh)
+    first_bad = jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(run.mesh))
     t0 = time.perf_counter()
-    compiled = train_step.lower(state, batch).compile()
+    compiled = train_step.lower(state, batch, first_bad).compile()
     compile_s = time.perf_counter() - t0
     flops_per_step = _cost_flops(compiled)
     log.info("train step compiled in %.1f s", compile_s)
@@ -176,17 +313,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with _Sigterm() as sigterm:
         step = start
         while step < c.train.num_steps:
-            state, metrics = compiled(state, batch)
+            state, metrics, first_bad = compiled(state, batch, first_bad)
             step += 1
             if pending is not None:  # read step k-1 only now that step k is queued
-                last_metrics = _log(pending, writer, progress, c, flops_per_step,
+                last_metrics = _log(run, pending, writer, progress, c, flops_per_step,
                                     compile_s, t_log, step_log)
                 t_log, step_log = time.perf_counter(), pending[0]
                 pending, compile_s = None, None  # compile time: with the first log only
-            if step % c.train.log_every == 0 or step == c.train.num_steps:
-                pending = (step, metrics)
+            is_log = step % c.train.log_every == 0 or step == c.train.num_steps
+            is_ckpt = step % c.train.checkpoint_every == 0 or step == c.train.num_steps
+            if is_log:
+                pending = (step, metrics, first_bad)
             if step < c.train.num_steps:
                 batch = parallel.global_batch(next(batches), run.mesh)
+            run.checkpointer.check()  # a failed background save stops the run now
             if c.train.sample_every and step % c.train.sample_every == 0:
                 _write_samples(run, writer, sample_fn, sample_bs, state, step)
             if evaluate is not None and (step % c.train.eval_every == 0
@@ -195,32 +335,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
                 log.info("step %d eval (EMA, %s %d steps): %s", step, c.eval.sampler,
                          c.eval.num_steps, scores)
-            if step % c.train.checkpoint_every == 0 or step == c.train.num_steps:
-                _save(run, state, step, data_step + step - start)
-            if sigterm.received:
+            if is_ckpt:
+                _save(run, state, step, data_step + step - start, first_bad)
+            if sigterm.stop_requested(at_sync_point=is_log or is_ckpt):
+                if pending is not None:
+                    _log(run, pending, writer, progress, c, flops_per_step, compile_s,
+                         t_log, step_log)
                 log.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
-                _save(run, state, step, data_step + step - start)
-                break
+                _save(run, state, step, data_step + step - start, first_bad)
+                run.checkpointer.wait()
+                raise Preempted(
+                    f"preempted (SIGTERM) at step {step}: checkpoint saved in "
+                    f"{run.checkpointer.directory}/{step}; relaunch the same command to "
+                    f"resume")
     if pending is not None:
-        last_metrics = _log(pending, writer, progress, c, flops_per_step, compile_s, t_log,
-                            step_log)
+        last_metrics = _log(run, pending, writer, progress, c, flops_per_step, compile_s,
+                            t_log, step_log)
     if c.train.sample_every and step == c.train.num_steps and step % c.train.sample_every:
         _write_samples(run, writer, sample_fn, sample_bs, state, step)
     run.checkpointer.wait()
-    run.checkpointer.close()
-    batches.close()
     writer.flush()
-    writer.close()
     return last_metrics
 
 
-def _log(pending, writer, progress, c, flops_per_step, compile_s, t_log, step_log) -> dict:
-    step, metrics = pending
+def _log(run, pending, writer, progress, c, flops_per_step, compile_s, t_log,
+         step_log) -> dict:
+    step, metrics, first_bad = pending
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not np.isfinite(values["loss"]):
-        raise NonFiniteLossError(
-            f"loss is {values['loss']} at step {step}; stopping. The last good checkpoint "
-            f"is the newest one in the workdir; lower optim.lr or enable optim.grad_clip.")
+    bad = int(jax.device_get(first_bad))
+    if bad or not np.isfinite(values.get("loss", 0.0)):
+        run.checkpointer.wait()  # the good saves in flight finish first
+        raise NonFiniteLossError(_nonfinite_message(run, bad or step, values.get("loss")))
     elapsed = time.perf_counter() - t_log
     if step > step_log and elapsed > 0:
         values["steps_per_s"] = (step - step_log) / elapsed
