@@ -395,6 +395,28 @@ def test_ddim_last_step_to_the_first_trained_level_keeps_float32_precision():
     np.testing.assert_allclose(np.asarray(x), want, rtol=1e-5)
 
 
+def _space_timesteps_reference(T, n):
+    """improved-diffusion's respace.space_timesteps(T, str(n)), one section, as written
+    there: a float stride accumulated step by step, Python's round (half to even)."""
+    frac_stride = 1 if n <= 1 else (T - 1) / (n - 1)
+    cur_idx, taken = 0.0, []
+    for _ in range(n):
+        taken.append(round(cur_idx))
+        cur_idx += frac_stride
+    return set(taken)
+
+
+def test_iddpm_spacing_is_improved_diffusions_respacing():
+    from diffusion.samplers.base import step_times, timesteps
+    for T, n in [(1000, 250), (1000, 25), (1000, 1), (1000, 3), (4000, 100), (100, 7)]:
+        idx = timesteps(T, n, "iddpm")
+        assert set(idx.tolist()) == _space_timesteps_reference(T, n) and len(idx) == n
+    idx = timesteps(1000, 250, "iddpm")
+    assert idx[0] == 999 and idx[-1] == 0                 # DiT's grid ends at index 0
+    t, s = step_times(SCHED, 250, "iddpm")
+    assert s[-1] == 0.0 and t[-1] == 1.0 / SCHED.T
+
+
 def test_time_grids():
     t = grids.dpm_solver_times(SCHED, 10, "logSNR")
     assert t[0] == 1.0 and t[-1] == 1.0 / SCHED.T and np.all(np.diff(t) < 0)
@@ -444,3 +466,26 @@ def test_bad_options():
         plan_plms(SCHED, 10, warmup="nope")
     with pytest.raises(ValueError, match="order"):
         plan_singlestep(SCHED, 10, order=4)
+    # diffusers-convention options
+    with pytest.raises(ValueError, match="final_step"):
+        plan_multistep(SCHED, 10, order=2, final_step="nope")
+    with pytest.raises(ValueError, match="use one of them"):
+        plan_multistep(SCHED, 10, order=2, final_step="zero", denoise_to_zero=True)
+    with pytest.raises(ValueError, match="dpmpp3m_coef"):
+        plan_multistep(SCHED, 10, order=3, dpmpp3m_coef="nope")
+    with pytest.raises(ValueError, match="steps_offset"):
+        plan_multistep(SCHED, 10, order=2, skip_type="trailing", steps_offset=1)
+    with pytest.raises(ValueError, match="skip_type='karras' only"):
+        plan_multistep(SCHED, 10, order=2, sigma_max=80.0)
+    with pytest.raises(ValueError, match="leading spacing only"):
+        plan_plms(SCHED, 10, spacing="trailing", steps_offset=1)
+    with pytest.raises(ValueError, match="out of"):
+        plan_plms(SCHED, 10, spacing="leading", steps_offset=100)
+    with pytest.raises(ValueError, match="prev_timestep"):
+        plan_plms(SCHED, 10, prev_timestep="nope")
+    with pytest.raises(ValueError, match="fractional_timesteps needs"):
+        plan_karras(SCHED, 10, fractional_timesteps=True)
+    with pytest.raises(ValueError, match="init_noise"):
+        plan_karras(SCHED, 10, init_noise="nope")
+    with pytest.raises(ValueError, match="needs init_noise='vp'"):
+        plan_karras(SCHED, 10, init_noise="sigma_max", strength=0.5)
