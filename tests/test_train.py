@@ -143,8 +143,9 @@ def test_sigterm_saves_then_sigkill_resumes_then_sample(tmp_path):
     assert proc.returncode == 0, out
     npz = [f for f in os.listdir(wd) if f.endswith(".npz")]
     assert len(npz) == 1
-    data = np.load(os.path.join(wd, npz[0]))
-    assert data["images"].shape == (5, 8, 8, 3) and data["images"].dtype == np.uint8
+    data = np.load(os.path.join(wd, npz[0]))  # ADM's layout: arr_0 (+ arr_1 if conditional)
+    assert data.files == ["arr_0"]
+    assert data["arr_0"].shape == (5, 8, 8, 3) and data["arr_0"].dtype == np.uint8
     assert os.path.exists(os.path.join(wd, npz[0][:-4] + ".png"))
 
 

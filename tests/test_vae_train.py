@@ -150,9 +150,11 @@ def test_latent_diffusion_trains_and_decodes_samples(vae_run, tmp_path):
     assert png.mode == "RGB" and png.size == (3 * 8 + 4 * 2, 3 * 8 + 4 * 2)
 
     config.sample.num_samples = 5
-    with np.load(sample_from_workdir(config, workdir)) as out:
-        assert out["images"].shape == (5, 8, 8, 3) and out["images"].dtype == np.uint8
-        assert out["images"].std() > 0
+    with np.load(sample_from_workdir(config, workdir)) as out:  # ADM's layout: arr_0
+        assert out.files == ["arr_0", "arr_1"]  # class-conditional: labels in arr_1
+        np.testing.assert_array_equal(out["arr_1"], np.arange(5) % 10)
+        assert out["arr_0"].shape == (5, 8, 8, 3) and out["arr_0"].dtype == np.uint8
+        assert out["arr_0"].std() > 0
 
 
 def test_reconstruction_metrics_cli_and_rfid(vae_run, capsys):

@@ -3,6 +3,8 @@
 Two feature networks: the FID Inception-v3 (weights converted from pytorch-fid's file,
 see convert_inception.py) and a small Fashion-MNIST classifier the project trains itself
 (`python -m diffusion.evaluation.train_classifier`), which works offline.
+`python -m diffusion.evaluation.fid REF.npz SAMPLES.npz` scores two sample or statistics
+files (sample_files.py: the layout of ADM's evaluator).
 """
 
 from diffusion.evaluation.classifier import SmallClassifier, load_classifier, save_classifier

@@ -21,6 +21,16 @@ import jax.numpy as jnp
 # Shipped as package data (pyproject.toml), found next to this file in any install.
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
                                "fmnist_classifier.msgpack")
+IMAGE_SHAPE = (28, 28, 1)
+
+
+def fit_to_classifier(images: Any) -> Any:
+    """Images [B, H, W, C] -> [B, 28, 28, 1]: other sizes resized (bilinear) and colour
+    averaged, so any dataset can be scored in the classifier's features."""
+    if tuple(images.shape[1:]) == IMAGE_SHAPE:
+        return images
+    x = jnp.asarray(images, jnp.float32).mean(axis=-1, keepdims=True)
+    return jax.image.resize(x, (x.shape[0],) + IMAGE_SHAPE, "linear")
 
 
 class SmallClassifier(nn.Module):

@@ -144,19 +144,25 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray,
 
 
 def save_stats(path: str, mu: np.ndarray, cov: np.ndarray, **extra: np.ndarray) -> None:
-    """Writes mu, cov (and any extra arrays) to an .npz file atomically."""
+    """Writes `mu` and `sigma` (the covariance; the keys of ADM's and pytorch-fid's
+    statistics files) and any extra arrays to an .npz file atomically."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = path + ".tmp.npz"
-    np.savez(tmp, mu=mu, cov=cov, **extra)
+    np.savez(tmp, mu=mu, sigma=cov, **extra)
     os.replace(tmp, path)
 
 
 def load_stats(path: str) -> dict[str, np.ndarray]:
-    """Reads an .npz written by save_stats; checks that mu and cov are present."""
+    """Reads a statistics .npz: `mu` and `sigma`, or `mu` and `cov` (the layout this
+    project wrote before). The covariance is returned under both names."""
     with np.load(path, allow_pickle=False) as data:
         out = {k: data[k] for k in data.files}
-    for key in ("mu", "cov"):
-        if key not in out:
-            raise ValueError(f"{path} has no {key!r} array; not a feature-statistics file")
+    if "mu" not in out:
+        raise ValueError(f"{path} has no 'mu' array; not a feature-statistics file")
+    if "sigma" not in out and "cov" not in out:
+        raise ValueError(f"{path} has no 'sigma' (or 'cov') array; not a feature-statistics "
+                         f"file")
+    out.setdefault("sigma", out.get("cov"))
+    out.setdefault("cov", out["sigma"])
     return out

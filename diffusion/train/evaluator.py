@@ -13,15 +13,13 @@ import os
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from diffusion.data import BatchIterator, make_source
 from diffusion.evaluation.classifier import DEFAULT_WEIGHTS as DEFAULT_CLASSIFIER
+from diffusion.evaluation.classifier import fit_to_classifier
 from diffusion.train import sampling
 from diffusion.train.setup import Run
-
-CLASSIFIER_SHAPE = (28, 28, 1)
 
 
 def feature_network(name: str, weights: str):
@@ -42,10 +40,9 @@ def feature_network(name: str, weights: str):
 
 def _fit_to(images: np.ndarray, net_name: str) -> np.ndarray:
     """The classifier takes 28x28x1: resize (and average colour) other image sizes."""
-    if net_name != "classifier" or images.shape[1:] == CLASSIFIER_SHAPE:
+    if net_name != "classifier":
         return images
-    x = jnp.asarray(images).mean(axis=-1, keepdims=True)
-    return np.asarray(jax.image.resize(x, (x.shape[0],) + CLASSIFIER_SHAPE, "linear"))
+    return np.asarray(fit_to_classifier(images))
 
 
 def make_evaluator(run: Run, sample_fn_for: Callable) -> Callable:

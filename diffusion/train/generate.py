@@ -1,5 +1,7 @@
 """The `sample` mode: load the newest checkpoint's EMA params, draw N images, write a
-PNG grid and an `.npz` (images uint8 [N, H, W, C] and labels) into the workdir."""
+PNG grid and an `.npz` into the workdir in the layout of ADM's evaluator and DiT's
+sample_ddp.py: `arr_0` uint8 [N, H, W, C] in the images' own channels, `arr_1` labels
+[N] for class-conditional runs (diffusion.evaluation.sample_files)."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from diffusion import images, samplers
+from diffusion.evaluation.sample_files import save_samples
 from diffusion.train import sampling
 from diffusion.train.loop import sample_fn_for
 from diffusion.train.run_config import sample_config
@@ -44,13 +47,12 @@ def sample_from_workdir(config: Optional[ml_collections.ConfigDict], workdir: st
     fn = sample_fn_for(run, s.sampler, s.num_steps, bs)
     x = sampling.generate(fn, state.ema_params, jax.random.key(s.seed), s.num_samples, bs,
                           s.guidance_scale)
-    labels = (np.arange(s.num_samples) % run.num_classes if run.num_classes
-              else np.full(s.num_samples, -1))
+    labels = np.arange(s.num_samples) % run.num_classes if run.num_classes else None
     name = f"samples_{samplers.canonical_name(s.sampler)}_{s.num_steps}steps_step{step}"
     out = os.path.join(run.workdir, name)
     if jax.process_index() == 0:
         u8 = np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
-        np.savez(out + ".npz", images=u8, labels=labels)
+        save_samples(out + ".npz", u8, labels)
         images.save_png(out + ".png", images.make_grid(x))
         log.info("wrote %s.npz and .png", out)
     run.checkpointer.close()
