@@ -32,3 +32,17 @@ def test_pyproject_depends_on_every_pinned_requirement():
         pinned = {line.split("==")[0].strip().lower() for line in f
                   if line.strip() and not line.startswith("#")}
     assert pinned - {"pytest"} <= names, pinned - names
+
+
+def test_readme_quick_start_runs_as_root_without_sudo():
+    import re
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    quick = readme.split("## Quick start", 1)[1]
+    command = quick.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    # Root on an image without sudo: a bare `sudo apt-get` fails there.
+    assert not re.search(r"(^|&&\s*)sudo\s", command), command
+    assert "pip install -r requirements.txt -e ." in command
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = f.read()
+    assert "-r requirements.txt -r requirements-test.txt -e ." in ci  # what the README installs
