@@ -10,8 +10,10 @@ steps of A and of B, alternating which goes first, so that load from other jobs 
 shared machine hits both alike. Prints a markdown table: median steps/s, spread
 (min-max), cores used (process CPU time / wall time), the busiest thread's share of the
 process's CPU time (1 / that share bounds the cores the step can use however idle the
-machine: a load-independent measure of parallelism, where steps/s on a machine shared
-with other jobs is not), n, and the ratio of the medians and of per-round ratios.
+machine), the mean number of runnable threads (sampled every 5 ms from /proc: the
+cores the step would keep busy on an idle machine, a measure of parallelism that other
+jobs on a shared machine do not change, where steps/s is not), n, and the ratio of the
+medians and of per-round ratios.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -37,6 +40,44 @@ def thread_ticks() -> dict[str, int]:
         except OSError:  # the thread ended
             pass
     return out
+
+
+class RunnableSampler:
+    """Samples, every `period` s on a background thread, how many threads of this
+    process are runnable (state R in /proc: running, or waiting for a core). Its mean is
+    the parallelism the work offers, i.e. the cores it would use on an idle machine,
+    whatever other jobs take of the cores now."""
+
+    def __init__(self, period: float = 0.005):
+        self.period, self.counts = period, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        me = str(threading.get_native_id())
+        while not self._stop.wait(self.period):
+            n = 0
+            for tid in os.listdir("/proc/self/task"):
+                if tid == me:
+                    continue
+                try:
+                    with open(f"/proc/self/task/{tid}/stat") as f:
+                        n += f.read().rsplit(")", 1)[1].split()[0] == "R"
+                except OSError:
+                    pass
+            self.counts.append(n)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float:
+        return sum(self.counts) / max(1, len(self.counts))
 
 
 def main():
@@ -82,7 +123,7 @@ def main():
             state, metrics = step(state, batches[i % len(batches)])
         jax.block_until_ready(metrics)
         setups[name] = dict(step=step, state=state, batches=batches, compile_s=compile_s,
-                            rates=[], cores=[], busiest=[])
+                            rates=[], cores=[], busiest=[], runnable=[])
         print(f"{name}: compiled in {compile_s:.1f} s", flush=True)
 
     names = list(setups)
@@ -93,10 +134,12 @@ def main():
             state = s["state"]
             ticks0 = thread_ticks()
             t0, c0 = time.perf_counter(), time.process_time()
-            for i in range(args.steps):
-                state, metrics = s["step"](state, s["batches"][i])
-            jax.block_until_ready((state, metrics))
+            with RunnableSampler() as sampler:
+                for i in range(args.steps):
+                    state, metrics = s["step"](state, s["batches"][i])
+                jax.block_until_ready((state, metrics))
             wall = time.perf_counter() - t0
+            s["runnable"].append(sampler.mean)
             s["rates"].append(args.steps / wall)
             s["cores"].append((time.process_time() - c0) / wall)
             ticks = thread_ticks()
@@ -112,13 +155,14 @@ def main():
     print(f"\nconfig {args.config}, batch {config.data.global_batch_size}, "
           f"{args.reps} rounds x {args.steps} steps each, interleaved\n")
     print("| devices | compile s | steps/s median | min | max | cores used | busiest thread "
-          "share | n |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "share | runnable threads | n |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for k in names:
         rates = setups[k]["rates"]
         print(f"| {k} | {setups[k]['compile_s']:.1f} | {med[k]:.2f} | {min(rates):.2f} | "
               f"{max(rates):.2f} | {statistics.median(setups[k]['cores']):.2f} | "
-              f"{statistics.median(setups[k]['busiest']):.2f} | {len(rates)} |")
+              f"{statistics.median(setups[k]['busiest']):.2f} | "
+              f"{statistics.median(setups[k]['runnable']):.2f} | {len(rates)} |")
     print(f"\nratio of medians {med[names[1]] / med[names[0]]:.2f}; per-round ratio median "
           f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}, "
           f"n {len(ratios)})")
