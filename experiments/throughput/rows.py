@@ -16,6 +16,7 @@ import re
 import jax.numpy as jnp
 
 from diffusion.models import DiT, UNet, dit_variant
+from diffusion.models.dit import scan_blocks_for
 
 DEFAULT_ROWS = ("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2", "UNet-CIFAR", "Sample-DiT-XL/2")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -93,9 +94,12 @@ def build_model(row: Row, dtype: str, remat: bool, attention: str | None):
     """The network of `row` with activations in `dtype` (parameters stay float32)."""
     h, w, c = row.image_shape
     if row.net == "dit":
+        arch = dit_arch(row)
+        # as the configs' default (model.dit.scan_blocks "auto"): scanned from 12 blocks
         return DiT(input_size=h, in_channels=c, num_classes=row.num_classes,
                    learn_sigma=row.learned_sigma, remat=remat, dtype=DTYPES[dtype],
-                   attention_impl=attention, **dit_arch(row))
+                   attention_impl=attention, scan_blocks=scan_blocks_for("auto", arch["depth"]),
+                   **arch)
     if row.tiny:
         arch = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
     else:  # DDPM's CIFAR-10 network, as configs/cifar10_ddpm.py
