@@ -190,7 +190,7 @@ def nan_run(tmp_path_factory):
 def test_nan_between_logs_never_reaches_a_checkpoint(nan_run):
     wd, err = nan_run
     msg = str(err)
-    assert f"at step {NAN_FROM}" in msg and "last good checkpoint is step 4" in msg, msg
+    assert f"after step {NAN_FROM}" in msg and "last good checkpoint is step 4" in msg, msg
     assert "optim.lr" in msg and "\n" not in msg
     assert _steps_on_disk(wd) == [2, 4]  # nothing saved from step 5 on, nothing rotated out
     assert _params_finite(wd, 4)
@@ -220,6 +220,14 @@ def test_second_launch_on_a_workdir_is_refused(tmp_path):
             loop.train_and_evaluate(_tiny(), wd)
     assert not os.path.exists(os.path.join(wd, "checkpoints"))
     assert not os.path.exists(os.path.join(wd, "config.json"))
+
+
+def test_building_a_run_on_an_empty_workdir_writes_nothing(tmp_path):
+    """--mode sample on an empty workdir used to leave an empty checkpoints/ behind."""
+    run = build_run(_tiny(), str(tmp_path / "empty"))
+    assert run.checkpointer.latest_step() is None
+    run.checkpointer.close()
+    assert not os.path.exists(tmp_path / "empty")
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):

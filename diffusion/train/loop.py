@@ -182,10 +182,14 @@ def _nonfinite_message(run: Run, first_bad: int, loss: float | None = None) -> s
             f"kept and resumed from on relaunch" if step is not None
             else "no checkpoint was saved before it")
     what = f"loss {loss}" if loss is not None and not math.isfinite(loss) else "values"
-    return (f"non-finite {what} at step {first_bad}; stopped without saving: {good}. "
-            f"Try a lower optim.lr (now {c.optim.lr:g}), optim.grad_clip > 0 (now "
-            f"{c.optim.grad_clip:g}), a longer optim.warmup_steps (now "
-            f"{c.optim.warmup_steps}), or model.dtype=float32 (now {c.model.dtype})")
+    tips = [f"a lower optim.lr (now {c.optim.lr:g})"]
+    tips.append(f"a smaller optim.grad_clip (now {c.optim.grad_clip:g})" if c.optim.grad_clip
+                else "optim.grad_clip=1")
+    tips.append(f"a longer optim.warmup_steps (now {c.optim.warmup_steps})")
+    if c.model.dtype != "float32":
+        tips.append(f"model.dtype=float32 (now {c.model.dtype})")
+    return (f"non-finite {what} in the state after step {first_bad}; stopped without "
+            f"saving it: {good}. Try " + ", ".join(tips))
 
 
 def _save(run: Run, state, step: int, data_step: int, first_bad) -> None:
