@@ -111,6 +111,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.sample.ancestral_eta = 1.0
     c.sample.plms_warmup = "pseudo_euler"  # pseudo_euler | prk | lower_order
     c.sample.consistency_sigmas = ()      # intermediate sigmas of multistep consistency
+    # Any other sampler option, "key=value,..." (e.g. "steps_offset=1,final_step=zero";
+    # "dpmpp_2m.final_step=zero" for one sampler only): samplers/README.md lists them.
+    c.sample.options = ""
+    c.sample.strength = 1.0               # image-to-image: start at t = strength (< 1)
     c.sample.seed = 0
 
     # Training the autoencoder (train.objective "vae"), after LDM's loss: see

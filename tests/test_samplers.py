@@ -489,3 +489,37 @@ def test_bad_options():
         plan_karras(SCHED, 10, init_noise="nope")
     with pytest.raises(ValueError, match="needs init_noise='vp'"):
         plan_karras(SCHED, 10, init_noise="sigma_max", strength=0.5)
+
+
+# ---- options from the config (diffusion.train.sampling) ------------------------------
+def test_sampler_options_from_the_config_and_the_free_form_section():
+    """Legacy sample.* keys still reach the samplers that take them; sample.options
+    ("k=v,k=v", settable from the command line of a locked config) adds any option,
+    checked against the sampler's signature before anything compiles."""
+    from configs.base import get_base_config
+    from diffusion.train import sampling
+    c = get_base_config()
+    c.lock()
+    assert sampling.sampler_options(c.sample, "ddim") == {"spacing": "trailing", "eta": 0.0}
+    assert sampling.sampler_options(c.sample, "euler_a")["eta"] == 1.0  # ancestral_eta
+    assert sampling.sampler_options(c.sample, "dpmpp_2m") == {
+        "skip_type": "logSNR", "denoise_to_zero": False, "lower_order_final": True}
+    c.sample.options = "steps_offset=1, set_alpha_to_one=False,prev_timestep=stride"
+    c.sample.spacing = "leading"
+    assert sampling.sampler_options(c.sample, "ddim") == {
+        "spacing": "leading", "eta": 0.0, "steps_offset": 1, "set_alpha_to_one": False,
+        "prev_timestep": "stride"}
+    c.sample.options = "final_step=zero,lower_order_final_below=15,dpmpp3m_coef=diffusers"
+    opts = sampling.sampler_options(c.sample, "dpmpp_3m")
+    assert opts["final_step"] == "zero" and opts["lower_order_final_below"] == 15
+    c.sample.options = "sigmas=(2.0, 1.0),rho=5"      # a tuple keeps its commas
+    assert sampling.sampler_options(c.sample, "consistency")["sigmas"] == (2.0, 1.0)
+    c.sample.options = "steps_ofset=1"
+    with pytest.raises(ValueError, match=r"'ddim' has no option\(s\) \['steps_ofset'\]"):
+        sampling.sampler_options(c.sample, "ddim")
+    c.sample.options = "steps_offset"
+    with pytest.raises(ValueError, match="not key=value"):
+        sampling.sampler_options(c.sample, "ddim")
+    c.sample.options = ""
+    c.sample.strength = 0.5                            # image-to-image strength
+    assert sampling.sampler_options(c.sample, "heun")["strength"] == 0.5

@@ -23,6 +23,7 @@ Which options reproduce which diffusers scheduler: README.md next to this file.
 """
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
 from typing import Callable
@@ -105,6 +106,51 @@ def check_options(name: str, options: dict) -> None:
         known = sorted(k for k in params if k not in _RUNTIME_ARGS)
         raise ValueError(f"sampler {canonical_name(name)!r} has no option(s) {unknown}; "
                          f"its options: {known}")
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Splits on commas outside brackets, so "sigmas=(2.0, 1.0),rho=5" is two items."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _literal(value: str):
+    """A Python literal (1, 0.5, False, (2.0, 1.0)), true / false / none in any case,
+    a float such as inf, or else the string itself (zero, leading)."""
+    lowered = value.lower()
+    if lowered in ("true", "false", "none"):
+        return {"true": True, "false": False, "none": None}[lowered]
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def parse_options(text: str) -> dict:
+    """ "steps_offset=1,final_step=zero" -> {"steps_offset": 1, "final_step": "zero"}.
+
+    The key=value syntax of the benchmark's sampler specs (ddim:eta=1.0) with commas
+    between options; values are Python literals or else strings. Check the result
+    against a sampler with `check_options`."""
+    options = {}
+    for item in _split_top_level(text or ""):
+        key, has_value, value = item.partition("=")
+        if not has_value or not key.strip():
+            raise ValueError(f"sampler option {item!r} in {text!r} is not key=value")
+        options[key.strip()] = _literal(value.strip())
+    return options
 
 
 def nfe(name: str, num_steps: int, schedule=None, **options) -> int:

@@ -7,6 +7,7 @@ the number of devices, and a new guidance weight never recompiles.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import jax
@@ -18,45 +19,68 @@ from diffusion import parallel, samplers
 from diffusion.denoiser import Denoiser
 
 
-def sampler_options(sample: ml_collections.ConfigDict, name: str) -> dict:
-    """The options of the config's `sample` section that sampler `name` takes.
+# The sample section's options from before `sample.options`, kept working: (config
+# key, sampler option, conversion, samplers). A key reaches every sampler whose
+# signature takes the option (samplers None) or the listed ones; a later row wins.
+# A key that an older config lacks is left to the sampler's default. New options need
+# no row: `sample.options` passes them through.
+_KARRAS_LEVELS = ("euler", "heun", "euler_a", "consistency")
+_SECTION_KEYS = (
+    ("spacing", "spacing", str, None),
+    ("eta", "eta", float, None),
+    ("ancestral_eta", "eta", float, ("euler_a",)),
+    ("variance", "variance", str, None),
+    ("plms_warmup", "warmup", str, None),
+    ("skip_type", "skip_type", str, None),
+    ("denoise_to_zero", "denoise_to_zero", bool, None),
+    ("lower_order_final", "lower_order_final", bool, None),
+    ("sigma_schedule", "sigma_schedule", str, None),
+    ("sigma_min", "sigma_min", float, _KARRAS_LEVELS),  # 0 = the sampler's default
+    ("sigma_max", "sigma_max", float, _KARRAS_LEVELS),
+    ("rho", "rho", float, _KARRAS_LEVELS),
+    ("s_noise", "S_noise", float, None),
+    ("s_churn", "S_churn", float, None),
+    ("s_tmin", "S_tmin", float, None),
+    ("s_tmax", "S_tmax", float, None),
+    ("consistency_sigmas", "sigmas", lambda v: tuple(v) or None, None),
+)
+_ZERO_IS_DEFAULT = ("sigma_min", "sigma_max")
 
-    Keys newer than a config fall back to the samplers' defaults (`sample.get`), and
-    sigma_min / sigma_max of 0 mean "the sampler's default".
+
+def _free_form(text: str, name: str) -> dict:
+    """`sample.options` for sampler `name`: "k=v,..."; a key written "sampler.k" (e.g.
+    "dpmpp_2m.final_step=zero") applies to that sampler only, so one config can carry
+    the options of sample.sampler and eval.sampler."""
+    out = {}
+    for key, value in samplers.parse_options(text).items():
+        scope, dot, option = key.rpartition(".")
+        if dot and samplers.canonical_name(scope) != name:
+            continue
+        out[option] = value
+    return out
+
+
+def sampler_options(sample: ml_collections.ConfigDict, name: str) -> dict:
+    """The options sampler `name` runs with, from the config's `sample` section: the
+    rows of _SECTION_KEYS that it takes, `sample.strength` when < 1 (image-to-image),
+    then the free-form `sample.options` ("steps_offset=1,final_step=zero"; see
+    `samplers.parse_options`). Raises ValueError naming any option the sampler does not
+    take (`samplers.check_options`), before anything is compiled.
     """
     name = samplers.canonical_name(name)
-    get = sample.get
+    takes = inspect.signature(samplers.get_sampler(name)).parameters
     options = {}
-    if name in ("ddpm", "ddim", "plms", "euler", "heun", "euler_a"):
-        options["spacing"] = sample.spacing
-    if name == "ddim":
-        options["eta"] = sample.eta
-    if name == "ddpm":
-        options["variance"] = sample.variance
-    if name == "plms":
-        options["warmup"] = get("plms_warmup", "pseudo_euler")
-    if name.startswith("dpm"):
-        options["skip_type"] = get("skip_type", "logSNR")
-        options["denoise_to_zero"] = bool(get("denoise_to_zero", False))
-        if name in ("dpmpp_2m", "dpmpp_3m"):
-            options["lower_order_final"] = bool(get("lower_order_final", True))
-    if name in ("euler", "heun", "euler_a", "consistency"):
-        for key in ("sigma_min", "sigma_max"):
-            if get(key, 0.0) > 0:
-                options[key] = float(get(key, 0.0))
-        options["rho"] = float(get("rho", 7.0))
-    if name in ("euler", "heun", "euler_a"):
-        options["sigma_schedule"] = get("sigma_schedule", "karras")
-        options["S_noise"] = float(get("s_noise", 1.0))
-    if name in ("euler", "heun"):
-        options["S_churn"] = float(get("s_churn", 0.0))
-        options["S_tmin"] = float(get("s_tmin", 0.0))
-        options["S_tmax"] = float(get("s_tmax", float("inf")))
-    if name == "euler_a":
-        options["eta"] = float(get("ancestral_eta", 1.0))
-    if name == "consistency":
-        sigmas = tuple(get("consistency_sigmas", ()))
-        options["sigmas"] = sigmas if sigmas else None
+    for key, option, convert, only in _SECTION_KEYS:
+        if key not in sample or option not in takes or (only and name not in only):
+            continue
+        if key in _ZERO_IS_DEFAULT and not sample[key] > 0:
+            continue
+        options[option] = convert(sample[key])
+    strength = float(sample.get("strength", 1.0))
+    if strength != 1.0:
+        options["strength"] = strength
+    options.update(_free_form(sample.get("options", ""), name))
+    samplers.check_options(name, options)
     return options
 
 
