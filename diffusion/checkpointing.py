@@ -35,6 +35,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import sys
+import traceback
 from typing import Any, Callable
 
 import jax
@@ -79,6 +82,25 @@ class _QuietDiskErrors(logging.Filter):
 
 
 _QUIET = _QuietDiskErrors()
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """After a failed async save, tensorstore's pending writes still call back into
+    the event loop orbax has already closed; each callback's RuntimeError went through
+    sys.excepthook as a full traceback (hundreds, on a full disk). Only that one
+    error, raised from asyncio itself, is dropped; everything else is printed."""
+    previous = sys.excepthook
+    if getattr(previous, "_diffusion_quiet", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        frames = traceback.extract_tb(tb) if tb is not None else []
+        if (exc_type is RuntimeError and str(exc) == "Event loop is closed" and frames
+                and frames[-1].filename.endswith(os.path.join("asyncio", "base_events.py"))):
+            return
+        previous(exc_type, exc, tb)
+    hook._diffusion_quiet = True
+    sys.excepthook = hook
 
 _STATE, _EXTRA = "state", "extra"
 
@@ -150,6 +172,7 @@ class Checkpointer:
             self.directory, options=options, item_names=(_STATE, _EXTRA))
         self._swept = False
         self._in_flight: int | None = None  # step of the save not yet known to be done
+        _quiet_closed_loop_callbacks()
         for name in ("absl", "orbax", "asyncio"):
             if _QUIET not in logging.getLogger(name).filters:
                 logging.getLogger(name).addFilter(_QUIET)
