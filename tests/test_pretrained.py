@@ -1,0 +1,149 @@
+"""diffusion.load(workdir): a tiny trained run as a library object. EMA params equal the
+checkpoint's, sampling works with several samplers, no dataset is needed, step= picks
+the checkpoint, missing runs fail naming the path, and the quickstart notebook runs."""
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import diffusion
+from configs.default import get_config
+from diffusion.train import loop
+from diffusion.train.run_config import read_run_config
+from diffusion.train.setup import build_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = os.path.join(ROOT, "notebooks")
+NUM, STEPS = 16, 2  # the quickstart's batch: its compiled samplers are shared
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A trained tiny run: checkpoints at steps 2 and 4."""
+    cfg = get_config("runlocal")
+    cfg.train.sample_every = 0
+    wd = str(tmp_path_factory.mktemp("pretrained") / "run")
+    loop.train_and_evaluate(cfg, wd)
+    return wd
+
+
+@pytest.fixture(scope="module")
+def pipe(workdir):
+    return diffusion.load(workdir)
+
+
+def _checkpoint_ema(workdir, step):
+    run = build_run(read_run_config(workdir), workdir)
+    try:
+        state, _ = run.checkpointer.restore(run.abstract_state, step)
+    finally:
+        run.checkpointer.close()
+    return jax.device_get(state.ema_params)
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
+def test_ema_params_equal_the_checkpoints(workdir, pipe):
+    assert pipe.step == 4 and pipe.image_shape == (8, 8, 3) and pipe.num_classes == 0
+    _assert_trees_equal(pipe.params, _checkpoint_ema(workdir, 4))
+    assert isinstance(pipe.denoiser, diffusion.denoiser.Denoiser)
+
+
+def test_sample_with_two_samplers(pipe):
+    for name in ("ddim", "heun"):
+        x = pipe.sample(name, steps=STEPS, num=NUM, seed=0)
+        assert x.shape == (NUM, 8, 8, 3) and x.dtype == np.float32
+        assert np.isfinite(x).all() and np.abs(x).max() <= 1.0
+    again = pipe.sample("heun", steps=STEPS, num=NUM, seed=0, batch_size=8)
+    np.testing.assert_allclose(again, x, atol=1e-5)  # noise does not depend on the batch
+    with pytest.raises(ValueError, match="unconditional"):
+        pipe.sample("ddim", steps=STEPS, num=NUM, labels=[0] * NUM)
+
+
+def test_step_picks_that_checkpoint(workdir, pipe):
+    early = diffusion.load(workdir, step=2)
+    assert early.step == 2
+    _assert_trees_equal(early.params, _checkpoint_ema(workdir, 2))
+    leaf = lambda p: np.asarray(jax.tree.leaves(p)[0])
+    assert not np.array_equal(leaf(early.params), leaf(pipe.params))
+    with pytest.raises(FileNotFoundError, match=r"step 3 .*finished steps: \[2, 4\]"):
+        diffusion.load(workdir, step=3)
+
+
+def _copy_with_config(workdir, dest, **data):
+    shutil.copytree(workdir, dest)
+    path = os.path.join(dest, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["data"].update(data)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return str(dest)
+
+
+def test_loads_without_the_dataset(workdir, pipe, tmp_path, monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("load() must not build the data source")
+    monkeypatch.setattr("diffusion.data.registry.make_source", no_data)
+    monkeypatch.setattr("diffusion.train.setup.make_source", no_data)
+    # A dataset that is not there, whose name does not tell the channels: read from the
+    # checkpoint's parameter shapes.
+    moved = _copy_with_config(workdir, tmp_path / "moved", source="tfds:not_here",
+                              data_dir=str(tmp_path / "nowhere"))
+    loaded = diffusion.load(moved)
+    assert loaded.image_shape == (8, 8, 3)
+    _assert_trees_equal(loaded.params, pipe.params)
+    np.testing.assert_array_equal(loaded.sample("ddim", steps=STEPS, num=NUM),
+                                  pipe.sample("ddim", steps=STEPS, num=NUM))
+    # Nor the size: the error says how to give it.
+    unsized = _copy_with_config(workdir, tmp_path / "unsized", source="tfds:not_here",
+                                image_size=0)
+    with pytest.raises(ValueError, match=r"image_shape=\(H, W, C\)"):
+        diffusion.load(unsized)
+    assert diffusion.load(unsized, image_shape=(8, 8, 3)).image_shape == (8, 8, 3)
+
+
+def test_missing_run_or_checkpoint_names_the_path(workdir, tmp_path):
+    missing = str(tmp_path / "no_such_run")
+    with pytest.raises(FileNotFoundError, match="no_such_run"):
+        diffusion.load(missing)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="empty holds no config.json"):
+        diffusion.load(str(empty))
+    shutil.copy(os.path.join(workdir, "config.json"), empty / "config.json")
+    with pytest.raises(FileNotFoundError, match=f"no finished checkpoint in {empty}/checkpoints"):
+        diffusion.load(str(empty))
+    assert os.listdir(empty) == ["config.json"]  # a reader creates nothing
+
+
+def test_import_diffusion_stays_light():
+    code = "import sys, diffusion; assert 'jax' not in sys.modules, 'jax imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_quickstart_runs_and_matches_its_notebook(workdir, tmp_path, monkeypatch):
+    sync = runpy.run_path(os.path.join(NOTEBOOKS, "sync_quickstart.py"))
+    with open(os.path.join(NOTEBOOKS, "quickstart.py")) as f:
+        twin = sync["cells_of"](f.read())
+    with open(os.path.join(NOTEBOOKS, "quickstart.ipynb")) as f:
+        nb = json.load(f)
+    assert nb["nbformat"] == 4
+    cells = [(c["cell_type"], "".join(c["source"])) for c in nb["cells"]]
+    assert cells == twin, "run `python notebooks/sync_quickstart.py` after editing the twin"
+
+    monkeypatch.setenv("WORKDIR", workdir)
+    monkeypatch.setenv("STEPS", str(STEPS))
+    monkeypatch.chdir(tmp_path)
+    ns = runpy.run_path(os.path.join(NOTEBOOKS, "quickstart.py"))
+    assert [r.shape for r in ns["rows"]] == [(NUM, 8, 8, 3)] * 3
+    assert os.path.getsize(tmp_path / "quickstart_samples.png") > 0
