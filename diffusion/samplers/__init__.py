@@ -78,7 +78,7 @@ PLANS: dict[str, Callable] = {
 _NUM_EVALS: dict[str, Callable[..., int]] = {"ddpm": ddpm.num_evals, "ddim": ddim.num_evals}
 # Arguments of a sampler that are not options (they never change the NFE).
 _RUNTIME_ARGS = ("denoiser", "key", "shape", "num_steps", "y", "guidance", "x_T",
-                 "sample_offset", "x_init")
+                 "sample_offset", "x_init", "mask", "callback", "return_intermediates")
 
 
 def canonical_name(name: str) -> str:

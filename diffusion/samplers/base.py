@@ -11,10 +11,21 @@ Image-to-image (`x_init`, `strength` in (0, 1]; the samplers built on `plan`): a
 keeps only the steps of its grid with t <= strength and starts from q_sample(x_init,
 t_first), t_first the first kept time, with the same per-sample noise (salt 0) that x_T
 would have used. `check_img2img` and `img2img_start` are the shared pieces.
+
+Inpainting (`mask` [B or 1, ..., C or 1], 1 = keep the pixel of the known image x_init):
+at every evaluation the known pixels of the state are replaced by x_init noised to that
+evaluation's time, with fresh per-sample noise (salt KNOWN_SALT + evaluation), and the
+result's known pixels are x_init itself (`paste_known`, `paste_final`). With strength 1
+the start is x_T (given or drawn), so an all-zeros mask is plain sampling.
+
+The arguments above travel together as one `SampleInputs`. `Trajectory` is what a
+sampler returns beside its result with return_intermediates=True, and `report` calls a
+user's callback(i, t, x, x0) at each evaluation (k-diffusion's callback, made from
+inside the compiled loop with jax.debug.callback: calls are unordered, i says which).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -130,18 +141,85 @@ def initial_noise(keys: jax.Array, shape: tuple, x_T=None) -> jnp.ndarray:
     return per_sample_normal(keys, tuple(shape[1:]), 0)
 
 
-def check_img2img(shape: tuple, x_T, x_init, strength: float) -> None:
-    """Validates image-to-image arguments before anything is traced."""
+KNOWN_SALT = 1 << 30  # noise of the known pixels at evaluation k: salt KNOWN_SALT + k
+
+
+class SampleInputs(NamedTuple):
+    """What one sampling call is conditioned on, beside the model and the time grid:
+    labels y [B] and guidance weight, the start noise x_T, the index of the first sample
+    (its noise keys), the known / initial image x_init with the image-to-image strength,
+    and the inpainting mask (1 = keep x_init's pixel)."""
+    y: Any = None
+    guidance: Any = None
+    x_T: Any = None
+    sample_offset: Any = 0
+    x_init: Any = None
+    strength: float = 1.0
+    mask: Any = None
+
+    def check(self, shape: tuple) -> None:
+        check_img2img(shape, self.x_T, self.x_init, self.strength, self.mask)
+
+    @property
+    def img2img(self) -> bool:
+        """Whether the start is x_init noised (else x_T, given or drawn)."""
+        return self.x_init is not None and (self.mask is None or self.strength < 1.0)
+
+
+class Trajectory(NamedTuple):
+    """A sampler's evaluations: times t [M], states x [M, B, ...] and the model's x0
+    [M, B, ...] there (return_intermediates=True)."""
+    t: jnp.ndarray
+    x: jnp.ndarray
+    x0: jnp.ndarray
+
+
+def check_img2img(shape: tuple, x_T, x_init, strength: float, mask=None) -> None:
+    """Validates image-to-image and inpainting arguments before anything is traced."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if mask is not None:
+        if x_init is None:
+            raise ValueError("an inpainting mask needs the known image x_init")
+        m = tuple(mask.shape)
+        if len(m) != len(shape) or any(a not in (1, b) for a, b in zip(m, shape)):
+            raise ValueError(f"mask has shape {m}; it must broadcast to the samples' "
+                             f"{tuple(shape)} (e.g. [1, H, W, 1]), 1 = keep x_init's pixel")
     if x_init is None:
         if strength < 1.0:
             raise ValueError(f"strength={strength} < 1 needs an initial image x_init")
         return
-    if x_T is not None:
+    if x_T is not None and (mask is None or strength < 1.0):
         raise ValueError("give x_T (the start noise) or x_init (image-to-image), not both")
     if tuple(x_init.shape) != tuple(shape):
         raise ValueError(f"x_init has shape {x_init.shape}, expected {shape}")
+
+
+def paste_known(schedule, x: jnp.ndarray, t, inputs: SampleInputs, keys: jax.Array,
+                k) -> jnp.ndarray:
+    """Inpainting: x [B, ...] at time t with its known pixels replaced by x_init noised to
+    t (noise salt KNOWN_SALT + k); x itself without a mask."""
+    if inputs.mask is None:
+        return x
+    eps = per_sample_normal(keys, tuple(x.shape[1:]), jnp.uint32(KNOWN_SALT) + k)
+    tb = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+    known = q_sample(schedule, inputs.x_init.astype(jnp.float32), tb, eps)
+    m = jnp.asarray(inputs.mask, jnp.float32)
+    return m * known + (1.0 - m) * x
+
+
+def paste_final(x: jnp.ndarray, inputs: SampleInputs) -> jnp.ndarray:
+    """Inpainting: the result keeps x_init's known pixels exactly."""
+    if inputs.mask is None:
+        return x
+    m = jnp.asarray(inputs.mask, jnp.float32)
+    return m * inputs.x_init.astype(jnp.float32) + (1.0 - m) * x
+
+
+def report(callback: Optional[Callable], i, t, x, x0) -> None:
+    """callback(i, t, x, x0) from inside a compiled loop (host values), if given."""
+    if callback is not None:
+        jax.debug.callback(callback, i, t, x, x0)
 
 
 def img2img_start(schedule, x_init: jnp.ndarray, t_start: float, keys: jax.Array,
@@ -152,6 +230,15 @@ def img2img_start(schedule, x_init: jnp.ndarray, t_start: float, keys: jax.Array
     eps = per_sample_normal(keys, tuple(x_init.shape[1:]), 0)
     t = jnp.full((x_init.shape[0],), t_start, jnp.float32)
     return q_sample(schedule, x_init.astype(jnp.float32), t, eps)
+
+
+def start_from(schedule, keys: jax.Array, shape: tuple, inputs: SampleInputs,
+               t_start) -> jnp.ndarray:
+    """The state at t_start for these inputs: x_init noised for image-to-image, else x_T
+    (inpainting at strength 1 starts from noise as plain sampling does)."""
+    if inputs.img2img:
+        return img2img_start(schedule, inputs.x_init, t_start, keys, shape)
+    return initial_noise(keys, shape, inputs.x_T)
 
 
 def start_state(schedule, keys: jax.Array, shape: tuple, x_T=None, x_init=None,

@@ -29,7 +29,7 @@ import numpy as np
 
 from diffusion.denoiser import Denoiser
 from diffusion.samplers import grids
-from diffusion.samplers.base import check_img2img
+from diffusion.samplers.base import SampleInputs
 from diffusion.samplers.plan import Plan, run_plan
 
 SIGMA_MIN = 0.002
@@ -82,11 +82,13 @@ def plan_consistency(schedule, num_steps: int, *, sigmas=None, sigma_min: float 
 
 def sample(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, y=None,
            guidance=None, x_T=None, sample_offset=0, x_init=None, strength: float = 1.0,
+           mask=None, callback=None, return_intermediates: bool = False,
            sigmas: Optional[Sequence[float]] = None, sigma_min: float = SIGMA_MIN,
            sigma_max: float = SIGMA_MAX, rho: float = 7.0) -> jnp.ndarray:
-    check_img2img(shape, x_T, x_init, strength)
+    inputs = SampleInputs(y, guidance, x_T, sample_offset, x_init, strength, mask)
+    inputs.check(shape)
     tables = plan_consistency(denoiser.schedule, num_steps, sigmas=sigmas,
                               sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
                               strength=strength)
-    return run_plan(tables, denoiser, key, shape, y=y, guidance=guidance, x_T=x_T,
-                    sample_offset=sample_offset, x_init=x_init)
+    return run_plan(tables, denoiser, key, shape, inputs, callback=callback,
+                    return_intermediates=return_intermediates)

@@ -14,26 +14,32 @@ import jax.numpy as jnp
 
 from diffusion.denoiser import Denoiser
 from diffusion.forward_process import expand
-from diffusion.samplers.base import (check_img2img, per_sample_normal, sample_keys,
-                                     start_state, time_pairs)
+from diffusion.samplers.base import (SampleInputs, Trajectory, paste_final, paste_known,
+                                     per_sample_normal, report, sample_keys, start_from,
+                                     time_pairs)
 
 
 def sample(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, y=None,
            guidance=None, x_T=None, sample_offset=0, x_init=None, strength: float = 1.0,
+           mask=None, callback=None, return_intermediates: bool = False,
            eta: float = 0.0, spacing: str = "trailing", steps_offset: int = 0,
            set_alpha_to_one: bool = True, prev_timestep: str = "next") -> jnp.ndarray:
-    check_img2img(shape, x_T, x_init, strength)
+    inputs = SampleInputs(y, guidance, x_T, sample_offset, x_init, strength, mask)
+    inputs.check(shape)
     sched = denoiser.schedule
     t_all, s_all = time_pairs(sched, num_steps, spacing, strength, steps_offset=steps_offset,
                               set_alpha_to_one=set_alpha_to_one, prev_timestep=prev_timestep)
     keys = sample_keys(key, shape[0], sample_offset)
-    x = start_state(sched, keys, shape, x_T, x_init, t_all[0])
+    x = start_from(sched, keys, shape, inputs, t_all[0])
     b = shape[0]
 
     def step(x, inp):
         k, t, s = inp
         tb, sb = jnp.full((b,), t), jnp.full((b,), s)
+        x = paste_known(sched, x, t, inputs, keys, k)
         pred = denoiser.predict(x, tb, y, guidance)
+        report(callback, k, t, x, pred.x0)
+        x_t, x0 = x, pred.x0
         log_ab_t, log_ab_s = sched.log_alpha_bar(tb), sched.log_alpha_bar(sb)
         # 1 - ab as -expm1(log ab): 1 - exp(.) in float32 loses 1.7e-4 (relative) at the
         # first trained step of a linear schedule, where ab = 1 - 1e-4.
@@ -44,11 +50,12 @@ def sample(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, 
         if eta > 0:
             noise = per_sample_normal(keys, tuple(shape[1:]), k + 1)
             x = x + expand(jnp.sqrt(var), x) * noise
-        return x, None
+        return x, ((x_t, x0) if return_intermediates else None)
 
     steps = jnp.arange(t_all.shape[0], dtype=jnp.uint32)
-    x, _ = jax.lax.scan(step, x, (steps, t_all, s_all))
-    return x
+    x, path = jax.lax.scan(step, x, (steps, t_all, s_all))
+    x = paste_final(x, inputs)
+    return (x, Trajectory(t_all, *path)) if return_intermediates else x
 
 
 def num_evals(schedule, num_steps: int, *, strength: float = 1.0, eta: float = 0.0,

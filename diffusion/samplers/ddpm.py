@@ -15,30 +15,36 @@ from diffusion.denoiser import Denoiser
 from diffusion.forward_process import (expand, posterior_log_variance_clipped,
                                        posterior_mean_log_variance)
 from diffusion.learned_variance import interpolated_log_variance
-from diffusion.samplers.base import (check_img2img, per_sample_normal, sample_keys,
-                                     start_state, time_pairs)
+from diffusion.samplers.base import (SampleInputs, Trajectory, paste_final, paste_known,
+                                     per_sample_normal, report, sample_keys, start_from,
+                                     time_pairs)
 
 VARIANCES = ("small", "large", "learned")
 
 
 def sample(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, y=None,
-           guidance=None, x_T=None, sample_offset=0, x_init=None, strength: float = 1.0, variance: str = "small",
-           spacing: str = "trailing") -> jnp.ndarray:
+           guidance=None, x_T=None, sample_offset=0, x_init=None, strength: float = 1.0,
+           mask=None, callback=None, return_intermediates: bool = False,
+           variance: str = "small", spacing: str = "trailing") -> jnp.ndarray:
     if variance not in VARIANCES:
         raise ValueError(f"unknown DDPM variance {variance!r}; known: {VARIANCES}")
     if variance == "learned" and not denoiser.learned_sigma:
         raise ValueError("variance='learned' needs a model trained with learned sigma")
-    check_img2img(shape, x_T, x_init, strength)
+    inputs = SampleInputs(y, guidance, x_T, sample_offset, x_init, strength, mask)
+    inputs.check(shape)
     sched = denoiser.schedule
     t_all, s_all = time_pairs(sched, num_steps, spacing, strength)
     keys = sample_keys(key, shape[0], sample_offset)
-    x = start_state(sched, keys, shape, x_T, x_init, t_all[0])
+    x = start_from(sched, keys, shape, inputs, t_all[0])
     b = shape[0]
 
     def step(x, inp):
         k, t, s = inp
         tb, sb = jnp.full((b,), t), jnp.full((b,), s)
+        x = paste_known(sched, x, t, inputs, keys, k)
         pred = denoiser.predict(x, tb, y, guidance)
+        report(callback, k, t, x, pred.x0)
+        out = (x, pred.x0) if return_intermediates else None
         mean, log_var = posterior_mean_log_variance(sched, pred.x0, x, sb, tb)
         if variance == "learned":
             log_var = interpolated_log_variance(sched, pred.var_out, sb, tb)
@@ -53,11 +59,12 @@ def sample(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, 
             log_var = expand(log_var, x)
         noise = per_sample_normal(keys, tuple(shape[1:]), k + 1)
         nonzero = (s > 0.0).astype(x.dtype)
-        return mean + nonzero * jnp.exp(0.5 * log_var) * noise, None
+        return mean + nonzero * jnp.exp(0.5 * log_var) * noise, out
 
     steps = jnp.arange(t_all.shape[0], dtype=jnp.uint32)
-    x, _ = jax.lax.scan(step, x, (steps, t_all, s_all))
-    return x
+    x, path = jax.lax.scan(step, x, (steps, t_all, s_all))
+    x = paste_final(x, inputs)
+    return (x, Trajectory(t_all, *path)) if return_intermediates else x
 
 
 def num_evals(schedule, num_steps: int, *, strength: float = 1.0, spacing: str = "trailing",

@@ -52,7 +52,7 @@ import numpy as np
 
 from diffusion.denoiser import Denoiser
 from diffusion.samplers import grids
-from diffusion.samplers.base import check_img2img
+from diffusion.samplers.base import SampleInputs
 from diffusion.samplers.plan import Form, Plan, run_plan
 
 
@@ -234,33 +234,35 @@ def plan_multistep(schedule, num_steps: int, *, order: int, skip_type: str = "lo
     return plan.compile(x)
 
 
-def _run(tables, denoiser, key, shape, y, guidance, x_T, sample_offset, x_init):
-    return run_plan(tables, denoiser, key, shape, y=y, guidance=guidance, x_T=x_T,
-                    sample_offset=sample_offset, x_init=x_init)
 
 
 def sample_singlestep(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *,
                       order: int = 2, data_form: bool = False, y=None, guidance=None,
                       x_T=None, sample_offset=0, x_init=None, strength: float = 1.0,
+                      mask=None, callback=None, return_intermediates: bool = False,
                       skip_type: str = "logSNR", denoise_to_zero: bool = False) -> jnp.ndarray:
     """DPM-Solver-{order} (eps form) or, with data_form, DPM-Solver++(2S)."""
-    check_img2img(shape, x_T, x_init, strength)
+    inputs = SampleInputs(y, guidance, x_T, sample_offset, x_init, strength, mask)
+    inputs.check(shape)
     tables = plan_singlestep(denoiser.schedule, num_steps, order=order, data_form=data_form,
                              skip_type=skip_type, denoise_to_zero=denoise_to_zero,
                              strength=strength)
-    return _run(tables, denoiser, key, shape, y, guidance, x_T, sample_offset, x_init)
+    return run_plan(tables, denoiser, key, shape, inputs, callback=callback,
+                    return_intermediates=return_intermediates)
 
 
 def sample_multistep(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *,
                      order: int = 2, y=None, guidance=None, x_T=None, sample_offset=0,
-                     x_init=None, strength: float = 1.0, skip_type: str = "logSNR",
+                     x_init=None, strength: float = 1.0, mask=None, callback=None,
+                     return_intermediates: bool = False, skip_type: str = "logSNR",
                      lower_order_final: bool = True, lower_order_final_below: int = 10,
                      denoise_to_zero: bool = False, final_step: str = "sigma_min",
                      steps_offset: int = 0, sigma_min: float | None = None,
                      sigma_max: float | None = None, rho: float = 7.0,
                      dpmpp3m_coef: str = "derived") -> jnp.ndarray:
     """DPM-Solver++({order}M) in data form."""
-    check_img2img(shape, x_T, x_init, strength)
+    inputs = SampleInputs(y, guidance, x_T, sample_offset, x_init, strength, mask)
+    inputs.check(shape)
     tables = plan_multistep(denoiser.schedule, num_steps, order=order, skip_type=skip_type,
                             lower_order_final=lower_order_final,
                             lower_order_final_below=lower_order_final_below,
@@ -268,4 +270,5 @@ def sample_multistep(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps
                             final_step=final_step, steps_offset=steps_offset,
                             sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
                             dpmpp3m_coef=dpmpp3m_coef)
-    return _run(tables, denoiser, key, shape, y, guidance, x_T, sample_offset, x_init)
+    return run_plan(tables, denoiser, key, shape, inputs, callback=callback,
+                    return_intermediates=return_intermediates)

@@ -42,7 +42,7 @@ import numpy as np
 
 from diffusion.denoiser import Denoiser
 from diffusion.samplers import grids
-from diffusion.samplers.base import check_img2img
+from diffusion.samplers.base import SampleInputs
 from diffusion.samplers.plan import Plan, run_plan
 
 
@@ -110,23 +110,26 @@ def plan_karras(schedule, num_steps: int, *, heun: bool = False,
 
 
 def _sample(denoiser, key, shape, num_steps, *, y, guidance, x_T, sample_offset, x_init,
-            strength, **plan_options):
-    check_img2img(shape, x_T, x_init, strength)
+            strength, mask, callback, return_intermediates, **plan_options):
+    inputs = SampleInputs(y, guidance, x_T, sample_offset, x_init, strength, mask)
+    inputs.check(shape)
     tables = plan_karras(denoiser.schedule, num_steps, strength=strength, **plan_options)
-    return run_plan(tables, denoiser, key, shape, y=y, guidance=guidance, x_T=x_T,
-                    sample_offset=sample_offset, x_init=x_init)
+    return run_plan(tables, denoiser, key, shape, inputs, callback=callback,
+                    return_intermediates=return_intermediates)
 
 
 def sample_euler(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, y=None,
                  guidance=None, x_T=None, sample_offset=0, x_init=None,
-                 strength: float = 1.0, sigma_schedule: str = "karras",
+                 strength: float = 1.0, mask=None, callback=None,
+                 return_intermediates: bool = False, sigma_schedule: str = "karras",
                  sigma_min: float | None = None, sigma_max: float | None = None,
                  rho: float = 7.0, spacing: str = "trailing", S_churn: float = 0.0,
                  S_tmin: float = 0.0, S_tmax: float = math.inf,
                  S_noise: float = 1.0, steps_offset: int = 0,
                  fractional_timesteps: bool = False, init_noise: str = "vp") -> jnp.ndarray:
     return _sample(denoiser, key, shape, num_steps, y=y, guidance=guidance, x_T=x_T,
-                   sample_offset=sample_offset, x_init=x_init, strength=strength,
+                   sample_offset=sample_offset, x_init=x_init, strength=strength, mask=mask,
+                   callback=callback, return_intermediates=return_intermediates,
                    sigma_schedule=sigma_schedule, sigma_min=sigma_min, sigma_max=sigma_max,
                    rho=rho, spacing=spacing, S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax,
                    S_noise=S_noise, steps_offset=steps_offset,
@@ -135,14 +138,16 @@ def sample_euler(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: in
 
 def sample_heun(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, y=None,
                 guidance=None, x_T=None, sample_offset=0, x_init=None,
-                strength: float = 1.0, sigma_schedule: str = "karras",
+                strength: float = 1.0, mask=None, callback=None,
+                return_intermediates: bool = False, sigma_schedule: str = "karras",
                 sigma_min: float | None = None, sigma_max: float | None = None,
                 rho: float = 7.0, spacing: str = "trailing", S_churn: float = 0.0,
                 S_tmin: float = 0.0, S_tmax: float = math.inf,
                 S_noise: float = 1.0, steps_offset: int = 0,
                 fractional_timesteps: bool = False, init_noise: str = "vp") -> jnp.ndarray:
     return _sample(denoiser, key, shape, num_steps, y=y, guidance=guidance, x_T=x_T,
-                   sample_offset=sample_offset, x_init=x_init, strength=strength, heun=True,
+                   sample_offset=sample_offset, x_init=x_init, strength=strength, mask=mask,
+                   callback=callback, return_intermediates=return_intermediates, heun=True,
                    sigma_schedule=sigma_schedule, sigma_min=sigma_min, sigma_max=sigma_max,
                    rho=rho, spacing=spacing, S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax,
                    S_noise=S_noise, steps_offset=steps_offset,
@@ -151,14 +156,17 @@ def sample_heun(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int
 
 def sample_euler_ancestral(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *,
                            y=None, guidance=None, x_T=None, sample_offset=0, x_init=None,
-                           strength: float = 1.0, eta: float = 1.0, S_noise: float = 1.0,
+                           strength: float = 1.0, mask=None, callback=None,
+                           return_intermediates: bool = False,
+                           eta: float = 1.0, S_noise: float = 1.0,
                            sigma_schedule: str = "karras", sigma_min: float | None = None,
                            sigma_max: float | None = None, rho: float = 7.0,
                            spacing: str = "trailing", steps_offset: int = 0,
                            fractional_timesteps: bool = False,
                            init_noise: str = "vp") -> jnp.ndarray:
     return _sample(denoiser, key, shape, num_steps, y=y, guidance=guidance, x_T=x_T,
-                   sample_offset=sample_offset, x_init=x_init, strength=strength,
+                   sample_offset=sample_offset, x_init=x_init, strength=strength, mask=mask,
+                   callback=callback, return_intermediates=return_intermediates,
                    ancestral_eta=eta, S_noise=S_noise, sigma_schedule=sigma_schedule,
                    sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, spacing=spacing,
                    steps_offset=steps_offset, fractional_timesteps=fractional_timesteps,

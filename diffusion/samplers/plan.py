@@ -23,14 +23,15 @@ standard normal, taken per sample from fold_in(sample key, k + 1) (salt 0 is x_T
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusion.denoiser import Denoiser
-from diffusion.samplers.base import per_sample_normal, sample_keys, start_state
+from diffusion.samplers.base import (SampleInputs, Trajectory, paste_final, paste_known,
+                                     per_sample_normal, report, sample_keys, start_from)
 
 _QUANTITIES = ("x", "x0", "eps")
 
@@ -149,14 +150,22 @@ class Plan:
         return Tables(np.asarray(self._times), self.t_start, start, noise, coef)
 
 
-def run_plan(tables: Tables, denoiser: Denoiser, key: jax.Array, shape: tuple, *, y=None,
-             guidance=None, x_T=None, sample_offset=0,
-             x_init: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+def run_plan(tables: Tables, denoiser: Denoiser, key: jax.Array, shape: tuple,
+             inputs: Optional[SampleInputs] = None, *, callback: Optional[Callable] = None,
+             return_intermediates: bool = False, **legacy):
     """Executes a compiled plan; x_T (or, for image-to-image, x_init noised to the plan's
-    start time) is the state at tables.t_start. Returns x0 [B, ...]."""
+    start time) is the state at tables.t_start. Returns x0 [B, ...], and with
+    return_intermediates the `Trajectory` of its evaluations as well.
+
+    inputs: the call's `SampleInputs` (legacy keywords y=, x_T=, ... replace its fields).
+    With an inpainting mask the known pixels of each evaluation point are pasted in as
+    it is formed, so every later form builds on the pasted state (base.paste_known).
+    callback(i, t, x, x0) is called at each evaluation (base.report)."""
+    inputs = (inputs if inputs is not None else SampleInputs())._replace(**legacy)
+    sched = denoiser.schedule
     b = shape[0]
-    keys = sample_keys(key, b, sample_offset)
-    x_start = start_state(denoiser.schedule, keys, shape, x_T, x_init, tables.t_start)
+    keys = sample_keys(key, b, inputs.sample_offset)
+    x_start = start_from(sched, keys, shape, inputs, tables.t_start)
     quantities = tuple(q for q in _QUANTITIES if q in tables.coef)
     has_noise = bool(np.any(tables.noise != 0.0))
     f32 = lambda a: jnp.asarray(a, jnp.float32)
@@ -172,17 +181,22 @@ def run_plan(tables: Tables, denoiser: Denoiser, key: jax.Array, shape: tuple, *
     def step(buffers, inp):
         k, t, c_start, c_noise, c_rows = inp
         x = combine(buffers, c_start, c_noise, c_rows, k + 1)
-        pred = denoiser.predict(x, t, y, guidance)
+        x = paste_known(sched, x, t, inputs, keys, k)
+        pred = denoiser.predict(x, t, inputs.y, inputs.guidance)
+        report(callback, k, t, x, pred.x0)
         new = {"x": x, "x0": pred.x0, "eps": pred.eps}
         buffers = {q: jnp.concatenate([new[q][None], buffers[q][:-1]]) for q in quantities}
-        return buffers, None
+        return buffers, ((x, pred.x0) if return_intermediates else None)
 
     m = tables.num_evals
     buffers = {q: jnp.zeros((tables.coef[q].shape[1],) + tuple(shape), jnp.float32)
                for q in quantities}
     xs = (jnp.arange(m, dtype=jnp.uint32), f32(tables.t), f32(tables.start[:m]),
           f32(tables.noise[:m]), {q: f32(tables.coef[q][:m]) for q in quantities})
-    buffers, _ = jax.lax.scan(step, buffers, xs)
-    return combine(buffers, f32(tables.start[m]), f32(tables.noise[m]),
-                   {q: f32(tables.coef[q][m]) for q in quantities}, jnp.uint32(m + 1))
-
+    buffers, path = jax.lax.scan(step, buffers, xs)
+    out = combine(buffers, f32(tables.start[m]), f32(tables.noise[m]),
+                  {q: f32(tables.coef[q][m]) for q in quantities}, jnp.uint32(m + 1))
+    out = paste_final(out, inputs)
+    if return_intermediates:
+        return out, Trajectory(f32(tables.t), *path)
+    return out

@@ -29,7 +29,7 @@ import numpy as np
 
 from diffusion.denoiser import Denoiser
 from diffusion.samplers import grids
-from diffusion.samplers.base import check_img2img, step_times
+from diffusion.samplers.base import SampleInputs, step_times
 from diffusion.samplers.plan import Form, Plan, run_plan
 
 WARMUPS = ("pseudo_euler", "prk", "lower_order")
@@ -78,11 +78,13 @@ def plan_plms(schedule, num_steps: int, *, spacing: str = "trailing",
 
 def sample(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, y=None,
            guidance=None, x_T=None, sample_offset=0, x_init=None, strength: float = 1.0,
+           mask=None, callback=None, return_intermediates: bool = False,
            spacing: str = "trailing", warmup: str = "pseudo_euler", steps_offset: int = 0,
            set_alpha_to_one: bool = True, prev_timestep: str = "next") -> jnp.ndarray:
-    check_img2img(shape, x_T, x_init, strength)
+    inputs = SampleInputs(y, guidance, x_T, sample_offset, x_init, strength, mask)
+    inputs.check(shape)
     tables = plan_plms(denoiser.schedule, num_steps, spacing=spacing, warmup=warmup,
                        strength=strength, steps_offset=steps_offset,
                        set_alpha_to_one=set_alpha_to_one, prev_timestep=prev_timestep)
-    return run_plan(tables, denoiser, key, shape, y=y, guidance=guidance, x_T=x_T,
-                    sample_offset=sample_offset, x_init=x_init)
+    return run_plan(tables, denoiser, key, shape, inputs, callback=callback,
+                    return_intermediates=return_intermediates)
