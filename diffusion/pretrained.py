@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from diffusion import parallel, samplers
 from diffusion.checkpointing import Checkpointer
@@ -215,10 +216,12 @@ def _checkpoint(workdir: str, step: Optional[int]) -> tuple[int, str]:
 
 def _stored_ema_shapes(state_dir: str) -> Any:
     """The checkpoint's EMA parameter tree as (shape, dtype) leaves, from its metadata."""
-    with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(state_dir)
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
+    handler = ocp.PyTreeCheckpointHandler()  # the item alone: no step metadata to look up
+    try:
+        meta = handler.metadata(epath.Path(state_dir))
+    finally:
+        handler.close()
+    tree = getattr(meta, "tree", meta)
     if "ema_params" not in tree:
         raise ValueError(f"checkpoint {state_dir} holds no ema_params (it has "
                          f"{sorted(tree)}): not a training state of this codebase")
@@ -293,5 +296,8 @@ def _restore_ema(state_dir: str, abstract: Any) -> Any:
     args = ocp.args.PyTreeRestore(item=item,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        return ckptr.restore(state_dir, args=args)["ema_params"]
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        return handler.restore(epath.Path(state_dir), args=args)["ema_params"]
+    finally:
+        handler.close()
