@@ -115,6 +115,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # "dpmpp_2m.final_step=zero" for one sampler only): samplers/README.md lists them.
     c.sample.options = ""
     c.sample.strength = 1.0               # image-to-image: start at t = strength (< 1)
+    # Sample mode: images to start from (.npz arr_0 uint8 NHWC or float in [-1, 1], or a
+    # directory of PNGs) and an inpainting mask (PNG / .npz, 1 = keep the known pixel).
+    c.sample.init_images = ""
+    c.sample.mask = ""
     c.sample.seed = 0
 
     # Training the autoencoder (train.objective "vae"), after LDM's loss: see

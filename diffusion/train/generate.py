@@ -15,7 +15,7 @@ import numpy as np
 
 from diffusion import images, samplers
 from diffusion.evaluation.sample_files import save_samples
-from diffusion.train import sampling
+from diffusion.train import init_images, sampling
 from diffusion.train.loop import sample_fn_for
 from diffusion.train.run_config import sample_config
 from diffusion.train.setup import build_run
@@ -36,6 +36,9 @@ def sample_from_workdir(config: Optional[ml_collections.ConfigDict], workdir: st
     """
     config = sample_config(config, workdir, overrides)
     run = build_run(config, workdir)
+    # sample.init_images / sample.mask / sample.strength (image-to-image, inpainting):
+    # read and checked before the checkpoint is.
+    x_init, mask = init_images.load_sample_inputs(run.config.sample, run.image_shape)
     step = run.checkpointer.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {run.workdir}/checkpoints: train first "
@@ -46,7 +49,7 @@ def sample_from_workdir(config: Optional[ml_collections.ConfigDict], workdir: st
     bs = int(math.ceil(min(s.batch_size, s.num_samples) / n_dev) * n_dev)
     fn = sample_fn_for(run, s.sampler, s.num_steps, bs)
     x = sampling.generate(fn, state.ema_params, jax.random.key(s.seed), s.num_samples, bs,
-                          s.guidance_scale)
+                          s.guidance_scale, x_init=x_init, mask=mask)
     labels = np.arange(s.num_samples) % run.num_classes if run.num_classes else None
     name = f"samples_{samplers.canonical_name(s.sampler)}_{s.num_steps}steps_step{step}"
     out = os.path.join(run.workdir, name)

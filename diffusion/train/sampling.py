@@ -8,7 +8,7 @@ the number of devices, and a new guidance weight never recompiles.
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -87,37 +87,60 @@ def sampler_options(sample: ml_collections.ConfigDict, name: str) -> dict:
 def make_sample_fn(denoiser_fn: Callable[..., Denoiser], *, image_shape: tuple,
                    num_classes: int, sampler: str, num_steps: int, batch_size: int, mesh,
                    options: dict) -> Callable:
-    """Returns a jitted fn(params, key, sample_offset, guidance) -> x0 [batch, H, W, C].
+    """Returns a jitted fn(params, key, sample_offset, guidance, x_init=None, mask=None)
+    -> x0 [batch, H, W, C].
 
     denoiser_fn(params) -> Denoiser (see diffusion.train.objectives).
 
     Class-conditional models sample label (offset + i) % num_classes for sample i, with
-    classifier-free guidance weight `guidance` (1 = purely conditional).
+    classifier-free guidance weight `guidance` (1 = purely conditional). x_init [batch,
+    H, W, C] (image-to-image with options["strength"] < 1, or the known image) and mask
+    [1 or batch, H, W, 1 or C] (inpainting, 1 = keep) are optional.
     """
     sample = samplers.get_sampler(sampler)
     parallel.check_batch_divisible(batch_size, mesh, "sample batch size")
     shape = (batch_size,) + tuple(image_shape)
 
-    def fn(params, key, sample_offset, guidance):
+    def fn(params, key, sample_offset, guidance, x_init=None, mask=None):
         denoiser = denoiser_fn(params)
         y, w = None, None
         if num_classes > 0:
             y = (sample_offset + jnp.arange(batch_size, dtype=jnp.int32)) % num_classes
             w = guidance
+        extra = {}
+        if x_init is not None:
+            extra["x_init"] = x_init
+        if mask is not None:
+            extra["mask"] = mask
         return sample(denoiser, key, shape, num_steps, y=y, guidance=w,
-                      sample_offset=sample_offset, **options)
+                      sample_offset=sample_offset, **extra, **options)
 
     return jax.jit(fn, out_shardings=parallel.data_sharded(mesh))
 
 
+def _rows(a: Optional[np.ndarray], offset: int, batch_size: int) -> Optional[np.ndarray]:
+    """Rows (offset + i) % N, i < batch_size, of a [N, ...] array (sample i's image);
+    a single row [1, ...] (one mask for all) or None as it is."""
+    if a is None or a.shape[0] == 1:
+        return a
+    return a[(offset + np.arange(batch_size)) % a.shape[0]]
+
+
 def generate(sample_fn: Callable, params, key: jax.Array, num_samples: int, batch_size: int,
-             guidance: float = 1.0) -> np.ndarray:
+             guidance: float = 1.0, *, x_init: Optional[np.ndarray] = None,
+             mask: Optional[np.ndarray] = None) -> np.ndarray:
     """Draws num_samples images [N, H, W, C] in batches; on the host, on every process.
 
     batch_size must be the batch `sample_fn` was built for: sample i of the call at
-    offset o is sample o + i of the whole set."""
+    offset o is sample o + i of the whole set. x_init [M, H, W, C]: sample i starts from
+    (or, with a mask, keeps the known pixels of) image i % M; mask [1 or M, ...]."""
     out = []
     for offset in range(0, num_samples, batch_size):
-        x = sample_fn(params, key, jnp.int32(offset), jnp.float32(guidance))
+        extra = {}
+        if x_init is not None:
+            extra["x_init"] = jnp.asarray(_rows(x_init, offset, batch_size), jnp.float32)
+        if mask is not None:
+            extra["mask"] = jnp.asarray(_rows(mask, offset, batch_size), jnp.float32)
+        x = sample_fn(params, key, jnp.int32(offset), jnp.float32(guidance), **extra)
         out.append(parallel.to_host(x))
     return np.concatenate(out)[:num_samples]
