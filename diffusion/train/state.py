@@ -63,7 +63,8 @@ def ema_decay(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
 
 
 def ema_update(ema: Any, params: Any, decay: jax.Array) -> Any:
-    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+    """decay * ema + (1 - decay) * params, leaf by leaf (optax's Polyak average)."""
+    return optax.incremental_update(params, ema, 1.0 - decay)
 
 
 def init_state(model, tx, key: jax.Array, image_shape: tuple, num_classes: int) -> TrainState:

@@ -19,10 +19,6 @@ from diffusion.train.state import TrainState, ema_decay, ema_update
 NUM_LOSS_BUCKETS = 4
 
 
-def _global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree)))
-
-
 def drop_labels(key: jax.Array, y: jnp.ndarray, p: float) -> jnp.ndarray:
     """Replaces each label by the null label (-1) with probability p (for CFG)."""
     if p <= 0:
@@ -60,7 +56,7 @@ def make_train_step(model, schedule: Schedule, tx: optax.GradientTransformation,
         decay = ema_decay(state.step, ema_rate, ema_warmup)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   ema_params=ema_update(state.ema_params, params, decay))
-        metrics = {"loss": loss, "grad_norm": _global_norm(grads),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": lr_fn(state.step), "ema_decay": decay}
         buckets = losses.bucket_means(per_example, t, NUM_LOSS_BUCKETS)
         for b in range(NUM_LOSS_BUCKETS):
