@@ -82,6 +82,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 0                # 0 = never during training
     c.train.fsdp = False                  # shard params/EMA/optimizer over `data` (FSDP)
     c.train.peak_tflops = 0.0             # device peak for MFU in the logs; 0 = no MFU
+    # jax.profiler trace of steps [START, END) into WORKDIR/plugins/profile, for
+    # TensorBoard's Profile tab: "START,END" (e.g. "10,15"); "" = off.
+    c.train.profile_steps = ""
 
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "ddim"

@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from diffusion.train.profiling import parse_profile_steps
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
@@ -43,6 +45,10 @@ def check_config(c: ml_collections.ConfigDict, num_devices: int) -> None:
     for key in ("train.sample_every", "train.eval_every", "optim.warmup_steps",
                 "optim.grad_clip", "optim.weight_decay"):
         _non_negative(c, key)
+    try:
+        parse_profile_steps(c.train.get("profile_steps", ""))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     lr = c.optim.lr
     if not (isinstance(lr, (int, float)) and lr > 0 and lr != float("inf")):
         raise ConfigError(f"optim.lr must be a finite number > 0, got {lr!r}")
