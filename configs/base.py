@@ -25,6 +25,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.name = "unet"                 # unet | dit
     c.model.dtype = "float32"             # activations: float32 | bfloat16
     c.model.remat = False
+    # Denoiser attention (jax.nn.dot_product_attention): "" = JAX's default (XLA) |
+    # xla | cudnn (fused kernel: NVIDIA GPU, model.dtype bfloat16, head_dim % 8 == 0).
+    c.model.attention_impl = ""
     c.model.unet = ml_collections.ConfigDict(dict(
         ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,), num_heads=4,
         dropout=0.1, scale_shift_norm=False, resblock_updown=False))

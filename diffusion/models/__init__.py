@@ -6,6 +6,7 @@ and "vae", the KL autoencoder that train.objective "vae" trains).
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -15,6 +16,31 @@ from diffusion.models.vae_trainable import TrainableAutoencoderKL
 
 MODELS = {"unet": UNet, "dit": DiT, "vae": TrainableAutoencoderKL}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# model.attention_impl -> jax.nn.dot_product_attention(implementation=...) for the
+# denoisers' attention: "" = JAX's choice (XLA today), "xla", or "cudnn" (the fused
+# kernel: NVIDIA GPUs, bfloat16 activations, head_dim a multiple of 8 up to 128).
+ATTENTION_IMPLS = {"": None, "xla": "xla", "cudnn": "cudnn"}
+
+
+def attention_implementation(name: str | None, dtype: str,
+                             backend: str | None = None) -> str | None:
+    """Checks model.attention_impl against the dtype and the backend (default: JAX's)
+    and returns the `implementation` argument, so that a bad value fails here with
+    the key named, not inside XLA after tracing."""
+    name = name or ""
+    if name not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown model.attention_impl {name!r}; known: "
+                         f"{sorted(ATTENTION_IMPLS)} ('' = JAX's default)")
+    if name == "cudnn":
+        backend = backend or jax.default_backend()
+        if backend != "gpu":
+            raise ValueError(f"model.attention_impl='cudnn' needs an NVIDIA GPU (cuDNN "
+                             f"fused attention), but JAX's backend is {backend!r}; use "
+                             f"'xla' or ''")
+        if dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"model.attention_impl='cudnn' needs half-precision "
+                             f"activations (model.dtype='bfloat16'), got {dtype!r}")
+    return ATTENTION_IMPLS[name]
 
 
 def build_model(model: ml_collections.ConfigDict, image_shape: tuple, num_classes: int,
@@ -28,6 +54,8 @@ def build_model(model: ml_collections.ConfigDict, image_shape: tuple, num_classe
     h, w, c = image_shape
     out_channels = 2 * c if learned_sigma else c
     dtype = DTYPES[model.dtype]
+    # Old runs' config.json lack the key. The VAE's attention is its own (diffusers').
+    attention = attention_implementation(model.get("attention_impl", ""), model.dtype)
     if model.name == "vae":
         if learned_sigma or num_classes > 0:
             raise ValueError("model 'vae' (the KL autoencoder) is unconditional and has no "
@@ -41,7 +69,7 @@ def build_model(model: ml_collections.ConfigDict, image_shape: tuple, num_classe
             mid_attention=v.mid_attention, dtype=dtype)
     if model.name == "unet":
         return UNet(**model.unet.to_dict(), out_channels=out_channels, num_classes=num_classes,
-                    remat=model.remat, dtype=dtype)
+                    remat=model.remat, dtype=dtype, attn_implementation=attention)
     if h != w:
         raise ValueError(f"DiT needs square images, got {h}x{w}")
     arch = dit_variant(model.dit.variant)
@@ -51,4 +79,5 @@ def build_model(model: ml_collections.ConfigDict, image_shape: tuple, num_classe
     # A run's config.json from before scan_blocks existed: its checkpoints are unrolled.
     scan = scan_blocks_for(model.dit.get("scan_blocks", "off"), arch["depth"])
     return DiT(input_size=h, in_channels=c, num_classes=num_classes, learn_sigma=learned_sigma,
-               remat=model.remat, scan_blocks=scan, dtype=dtype, **arch)
+               remat=model.remat, scan_blocks=scan, dtype=dtype, attention_impl=attention,
+               **arch)

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from diffusion.models import attention_implementation
 from diffusion.train.profiling import parse_profile_steps
 
 
@@ -47,6 +48,7 @@ def check_config(c: ml_collections.ConfigDict, num_devices: int) -> None:
         _non_negative(c, key)
     try:
         parse_profile_steps(c.train.get("profile_steps", ""))
+        attention_implementation(c.model.get("attention_impl", ""), c.model.dtype)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     lr = c.optim.lr
