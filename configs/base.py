@@ -125,6 +125,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # directory of PNGs) and an inpainting mask (PNG / .npz, 1 = keep the known pixel).
     c.sample.init_images = ""
     c.sample.mask = ""
+    c.sample.inpaint_resample = 0         # RePaint rounds per step (ddpm, ddim); 0 = off
     c.sample.seed = 0
 
     # Training the autoencoder (train.objective "vae"), after LDM's loss: see

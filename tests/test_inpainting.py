@@ -155,3 +155,30 @@ def test_sample_fn_takes_init_images_and_a_mask():
     assert img2img.shape == (6, 2, 2, 1) and not np.allclose(img2img, out)
     with pytest.raises(ValueError, match="needs an initial image"):
         sampling.generate(fn, None, key, 4, 4)
+
+
+def test_repaint_resampling_harmonises_better():
+    """inpaint_resample = R (DDPM, DDIM): each step R + 1 times, re-noised back between
+    rounds; the unknown pixels follow the known one more closely, at (R + 1) N NFE."""
+    mask = jnp.asarray([[1.0, 0.0], [0.0, 0.0]]).reshape(1, 2, 2, 1)
+    known = np.asarray(X_KNOWN).reshape(B, 4)[:, 0]
+    slopes = {}
+    for r in (0, 4):
+        x = _run("ddpm", 10, {"inpaint_resample": r}, x_init=X_KNOWN, mask=mask).reshape(B, 4)
+        np.testing.assert_allclose(x[:, 0], known, atol=1e-6)
+        slopes[r] = np.mean([np.polyfit(known, x[:, u], 1)[0] for u in (1, 2, 3)])
+    assert slopes[4] > slopes[0] + 0.15, slopes   # measured 0.33 -> 0.55 (exact: 0.9)
+    assert samplers.nfe("ddim", 10, inpaint_resample=4) == 50
+    calls = []
+    fn = samplers.get_sampler("ddim")
+    x, traj = jax.jit(lambda k: fn(DEN, k, SHAPE, 3, x_init=X_KNOWN, mask=mask,
+                                   inpaint_resample=2, return_intermediates=True,
+                                   callback=lambda i, *a: calls.append(int(i))))(
+        jax.random.key(0))
+    assert sorted(calls) == list(range(9)) and traj.x0.shape == (9,) + SHAPE
+    np.testing.assert_allclose(np.asarray(traj.t), np.repeat([1.0, 0.667, 0.333], 3),
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="needs an inpainting mask"):
+        fn(DEN, jax.random.key(0), SHAPE, 3, inpaint_resample=2)
+    with pytest.raises(ValueError, match=r"'dpmpp_2m' has no option\(s\) \['inpaint_resample'\]"):
+        samplers.check_options("dpmpp_2m", {"inpaint_resample": 2})

@@ -523,3 +523,7 @@ def test_sampler_options_from_the_config_and_the_free_form_section():
     c.sample.options = ""
     c.sample.strength = 0.5                            # image-to-image strength
     assert sampling.sampler_options(c.sample, "heun")["strength"] == 0.5
+    c.sample.inpaint_resample = 3                      # RePaint rounds: DDPM / DDIM only
+    assert sampling.sampler_options(c.sample, "ddpm")["inpaint_resample"] == 3
+    with pytest.raises(ValueError, match=r"has no option\(s\) \['inpaint_resample'\]"):
+        sampling.sampler_options(c.sample, "heun")

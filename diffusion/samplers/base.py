@@ -16,7 +16,10 @@ Inpainting (`mask` [B or 1, ..., C or 1], 1 = keep the pixel of the known image 
 at every evaluation the known pixels of the state are replaced by x_init noised to that
 evaluation's time, with fresh per-sample noise (salt KNOWN_SALT + evaluation), and the
 result's known pixels are x_init itself (`paste_known`, `paste_final`). With strength 1
-the start is x_T (given or drawn), so an all-zeros mask is plain sampling.
+the start is x_T (given or drawn), so an all-zeros mask is plain sampling. Pasting alone
+harmonises the two regions weakly; DDPM and DDIM take `inpaint_resample` = R (RePaint,
+Lugmayr et al. 2022): each step runs R + 1 times, re-noised from s back to t between
+rounds (`run_steps`, `renoise`), NFE (R + 1) N.
 
 The arguments above travel together as one `SampleInputs`. `Trajectory` is what a
 sampler returns beside its result with return_intermediates=True, and `report` calls a
@@ -142,6 +145,7 @@ def initial_noise(keys: jax.Array, shape: tuple, x_T=None) -> jnp.ndarray:
 
 
 KNOWN_SALT = 1 << 30  # noise of the known pixels at evaluation k: salt KNOWN_SALT + k
+RENOISE_SALT = 1 << 31  # RePaint's jump back after evaluation k: salt RENOISE_SALT + k
 
 
 class SampleInputs(NamedTuple):
@@ -248,3 +252,45 @@ def start_state(schedule, keys: jax.Array, shape: tuple, x_T=None, x_init=None,
     if x_init is not None:
         return img2img_start(schedule, x_init, t_start, keys, shape)
     return initial_noise(keys, shape, x_T)
+
+
+def renoise(schedule, x_s: jnp.ndarray, s, t, keys: jax.Array, k) -> jnp.ndarray:
+    """RePaint's jump back: x_t ~ q(x_t | x_s) for s < t, noise salt RENOISE_SALT + k."""
+    log_r = (schedule.log_alpha_bar(jnp.reshape(t, (1,)))
+             - schedule.log_alpha_bar(jnp.reshape(s, (1,))))[0]
+    z = per_sample_normal(keys, tuple(x_s.shape[1:]), jnp.uint32(RENOISE_SALT) + k)
+    return jnp.exp(0.5 * log_r) * x_s + jnp.sqrt(-jnp.expm1(log_r)) * z
+
+
+def run_steps(update: Callable, x: jnp.ndarray, t_all, s_all, *, resample: int = 0,
+              jump_back: Optional[Callable] = None, return_intermediates: bool = False):
+    """The loop of a sampler that steps t -> s itself (DDPM, DDIM), as one lax.scan.
+
+    update(x, k, t, s) -> (x_s, (x, x0)): evaluation k at time t and the step to s.
+    resample = R > 0: each step runs R + 1 times, jump_back(x_s, s, t, k) between rounds;
+    evaluation k = step (R + 1) + round. Returns (x, Trajectory or None)."""
+    R = int(resample)
+    if R < 0:
+        raise ValueError(f"inpaint_resample must be >= 0, got {R}")
+    keep = lambda rec: rec if return_intermediates else None  # noqa: E731
+
+    def step(x, inp):
+        n, t, s = inp
+        if R == 0:
+            x, rec = update(x, n, t, s)
+            return x, keep(rec)
+
+        def round_(x, j):
+            k = n * (R + 1) + j
+            x_s, rec = update(x, k, t, s)
+            return jnp.where(j < R, jump_back(x_s, s, t, k), x_s), keep(rec)
+        return jax.lax.scan(round_, x, jnp.arange(R + 1, dtype=jnp.uint32))
+
+    steps = jnp.arange(t_all.shape[0], dtype=jnp.uint32)
+    x, path = jax.lax.scan(step, x, (steps, t_all, s_all))
+    if not return_intermediates:
+        return x, None
+    xs, x0s = path
+    if R:
+        xs, x0s = (a.reshape((-1,) + a.shape[2:]) for a in (xs, x0s))
+    return x, Trajectory(jnp.repeat(t_all, R + 1), xs, x0s)

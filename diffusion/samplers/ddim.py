@@ -14,18 +14,21 @@ import jax.numpy as jnp
 
 from diffusion.denoiser import Denoiser
 from diffusion.forward_process import expand
-from diffusion.samplers.base import (SampleInputs, Trajectory, paste_final, paste_known,
-                                     per_sample_normal, report, sample_keys, start_from,
-                                     time_pairs)
+from diffusion.samplers.base import (SampleInputs, paste_final, paste_known,
+                                     per_sample_normal, renoise, report, run_steps,
+                                     sample_keys, start_from, time_pairs)
 
 
 def sample(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, y=None,
            guidance=None, x_T=None, sample_offset=0, x_init=None, strength: float = 1.0,
            mask=None, callback=None, return_intermediates: bool = False,
            eta: float = 0.0, spacing: str = "trailing", steps_offset: int = 0,
-           set_alpha_to_one: bool = True, prev_timestep: str = "next") -> jnp.ndarray:
+           set_alpha_to_one: bool = True, prev_timestep: str = "next",
+           inpaint_resample: int = 0) -> jnp.ndarray:
     inputs = SampleInputs(y, guidance, x_T, sample_offset, x_init, strength, mask)
     inputs.check(shape)
+    if inpaint_resample and mask is None:
+        raise ValueError(f"inpaint_resample={inpaint_resample} needs an inpainting mask")
     sched = denoiser.schedule
     t_all, s_all = time_pairs(sched, num_steps, spacing, strength, steps_offset=steps_offset,
                               set_alpha_to_one=set_alpha_to_one, prev_timestep=prev_timestep)
@@ -33,8 +36,7 @@ def sample(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, 
     x = start_from(sched, keys, shape, inputs, t_all[0])
     b = shape[0]
 
-    def step(x, inp):
-        k, t, s = inp
+    def update(x, k, t, s):
         tb, sb = jnp.full((b,), t), jnp.full((b,), s)
         x = paste_known(sched, x, t, inputs, keys, k)
         pred = denoiser.predict(x, tb, y, guidance)
@@ -50,16 +52,19 @@ def sample(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, 
         if eta > 0:
             noise = per_sample_normal(keys, tuple(shape[1:]), k + 1)
             x = x + expand(jnp.sqrt(var), x) * noise
-        return x, ((x_t, x0) if return_intermediates else None)
+        return x, (x_t, x0)
 
-    steps = jnp.arange(t_all.shape[0], dtype=jnp.uint32)
-    x, path = jax.lax.scan(step, x, (steps, t_all, s_all))
+    x, path = run_steps(update, x, t_all, s_all, resample=inpaint_resample,
+                        jump_back=lambda x, s, t, k: renoise(sched, x, s, t, keys, k),
+                        return_intermediates=return_intermediates)
     x = paste_final(x, inputs)
-    return (x, Trajectory(t_all, *path)) if return_intermediates else x
+    return (x, path) if return_intermediates else x
 
 
 def num_evals(schedule, num_steps: int, *, strength: float = 1.0, eta: float = 0.0,
-              spacing: str = "trailing", **grid) -> int:
-    """Network evaluations of `sample` with these options (one a step kept)."""
+              spacing: str = "trailing", inpaint_resample: int = 0, **grid) -> int:
+    """Network evaluations of `sample` with these options (one a step kept, times
+    1 + inpaint_resample)."""
     del eta
-    return int(time_pairs(schedule, num_steps, spacing, strength, **grid)[0].shape[0])
+    steps = int(time_pairs(schedule, num_steps, spacing, strength, **grid)[0].shape[0])
+    return steps * (1 + int(inpaint_resample))

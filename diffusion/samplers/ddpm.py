@@ -15,9 +15,9 @@ from diffusion.denoiser import Denoiser
 from diffusion.forward_process import (expand, posterior_log_variance_clipped,
                                        posterior_mean_log_variance)
 from diffusion.learned_variance import interpolated_log_variance
-from diffusion.samplers.base import (SampleInputs, Trajectory, paste_final, paste_known,
-                                     per_sample_normal, report, sample_keys, start_from,
-                                     time_pairs)
+from diffusion.samplers.base import (SampleInputs, paste_final, paste_known,
+                                     per_sample_normal, renoise, report, run_steps,
+                                     sample_keys, start_from, time_pairs)
 
 VARIANCES = ("small", "large", "learned")
 
@@ -25,26 +25,28 @@ VARIANCES = ("small", "large", "learned")
 def sample(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, y=None,
            guidance=None, x_T=None, sample_offset=0, x_init=None, strength: float = 1.0,
            mask=None, callback=None, return_intermediates: bool = False,
-           variance: str = "small", spacing: str = "trailing") -> jnp.ndarray:
+           variance: str = "small", spacing: str = "trailing",
+           inpaint_resample: int = 0) -> jnp.ndarray:
     if variance not in VARIANCES:
         raise ValueError(f"unknown DDPM variance {variance!r}; known: {VARIANCES}")
     if variance == "learned" and not denoiser.learned_sigma:
         raise ValueError("variance='learned' needs a model trained with learned sigma")
     inputs = SampleInputs(y, guidance, x_T, sample_offset, x_init, strength, mask)
     inputs.check(shape)
+    if inpaint_resample and mask is None:
+        raise ValueError(f"inpaint_resample={inpaint_resample} needs an inpainting mask")
     sched = denoiser.schedule
     t_all, s_all = time_pairs(sched, num_steps, spacing, strength)
     keys = sample_keys(key, shape[0], sample_offset)
     x = start_from(sched, keys, shape, inputs, t_all[0])
     b = shape[0]
 
-    def step(x, inp):
-        k, t, s = inp
+    def update(x, k, t, s):
         tb, sb = jnp.full((b,), t), jnp.full((b,), s)
         x = paste_known(sched, x, t, inputs, keys, k)
         pred = denoiser.predict(x, tb, y, guidance)
         report(callback, k, t, x, pred.x0)
-        out = (x, pred.x0) if return_intermediates else None
+        out = (x, pred.x0)
         mean, log_var = posterior_mean_log_variance(sched, pred.x0, x, sb, tb)
         if variance == "learned":
             log_var = interpolated_log_variance(sched, pred.var_out, sb, tb)
@@ -61,14 +63,17 @@ def sample(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, 
         nonzero = (s > 0.0).astype(x.dtype)
         return mean + nonzero * jnp.exp(0.5 * log_var) * noise, out
 
-    steps = jnp.arange(t_all.shape[0], dtype=jnp.uint32)
-    x, path = jax.lax.scan(step, x, (steps, t_all, s_all))
+    x, path = run_steps(update, x, t_all, s_all, resample=inpaint_resample,
+                        jump_back=lambda x, s, t, k: renoise(sched, x, s, t, keys, k),
+                        return_intermediates=return_intermediates)
     x = paste_final(x, inputs)
-    return (x, Trajectory(t_all, *path)) if return_intermediates else x
+    return (x, path) if return_intermediates else x
 
 
 def num_evals(schedule, num_steps: int, *, strength: float = 1.0, spacing: str = "trailing",
-              variance: str = "small") -> int:
-    """Network evaluations of `sample` with these options (one a step kept)."""
+              variance: str = "small", inpaint_resample: int = 0) -> int:
+    """Network evaluations of `sample` with these options (one a step kept, times
+    1 + inpaint_resample)."""
     del variance
-    return int(time_pairs(schedule, num_steps, spacing, strength)[0].shape[0])
+    steps = int(time_pairs(schedule, num_steps, spacing, strength)[0].shape[0])
+    return steps * (1 + int(inpaint_resample))

@@ -63,7 +63,7 @@ def _free_form(text: str, name: str) -> dict:
 def sampler_options(sample: ml_collections.ConfigDict, name: str) -> dict:
     """The options sampler `name` runs with, from the config's `sample` section: the
     rows of _SECTION_KEYS that it takes, `sample.strength` when < 1 (image-to-image),
-    then the free-form `sample.options` ("steps_offset=1,final_step=zero"; see
+    `sample.inpaint_resample` when > 0 (RePaint rounds; DDPM, DDIM), then the free-form `sample.options` ("steps_offset=1,final_step=zero"; see
     `samplers.parse_options`). Raises ValueError naming any option the sampler does not
     take (`samplers.check_options`), before anything is compiled.
     """
@@ -79,6 +79,9 @@ def sampler_options(sample: ml_collections.ConfigDict, name: str) -> dict:
     strength = float(sample.get("strength", 1.0))
     if strength != 1.0:
         options["strength"] = strength
+    # Passed to any sampler when set, so one that cannot resample says so.
+    if int(sample.get("inpaint_resample", 0)) > 0:
+        options["inpaint_resample"] = int(sample.inpaint_resample)
     options.update(_free_form(sample.get("options", ""), name))
     samplers.check_options(name, options)
     return options
