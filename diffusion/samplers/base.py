@@ -2,7 +2,9 @@
 
 A sampler is a pure function
     sample(denoiser, key, shape, num_steps, *, y=None, guidance=None, x_T=None,
-           sample_offset=0, **options) -> x0 [B, H, W, C]
+           sample_offset=0, x_init=None, strength=1.0, mask=None, callback=None,
+           return_intermediates=False, **options) -> x0 [B, H, W, C]
+(with return_intermediates: (x0, Trajectory))
 that runs its whole loop inside one `lax.scan`, so one `jax.jit` around it compiles
 the loop once. The noise of sample i is drawn from fold_in(key, sample_offset + i) alone,
 so a sample does not change with batch size or device count.
