@@ -147,3 +147,35 @@ def test_quickstart_runs_and_matches_its_notebook(workdir, tmp_path, monkeypatch
     ns = runpy.run_path(os.path.join(NOTEBOOKS, "quickstart.py"))
     assert [r.shape for r in ns["rows"]] == [(NUM, 8, 8, 3)] * 3
     assert os.path.getsize(tmp_path / "quickstart_samples.png") > 0
+
+
+def test_class_conditional_labels_and_guidance(pipe):
+    """A conditional network (random weights) in a Pipeline: the default labels and
+    guidance sample exactly as training's make_sample_fn; labels and w take effect."""
+    import dataclasses
+
+    from diffusion.models import build_model
+    from diffusion.train import sampling
+    k = 10
+    config = pipe.config.copy_and_resolve_references()
+    config.conditioning.num_classes = k
+    model = build_model(config.model, pipe.image_shape, k, False)
+    x, t, y = np.zeros((1, 8, 8, 3), np.float32), np.zeros(1, np.float32), np.zeros(1, np.int32)
+    params = model.init(jax.random.key(1), x, t, y, train=False)["params"]
+    rng = np.random.default_rng(0)  # zero-initialised layers (the label embedding) too
+    params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape, np.float32), params)
+    cond = dataclasses.replace(pipe, config=config, model=model, params=params, num_classes=k,
+                               _fns={})
+    default = cond.sample("ddim", steps=STEPS, num=NUM, guidance=2.0)
+    fn = sampling.make_sample_fn(lambda p: cond.objective.denoiser(cond, p),
+                                 image_shape=cond.image_shape, num_classes=k, sampler="ddim",
+                                 num_steps=STEPS, batch_size=NUM, mesh=cond.mesh,
+                                 options=sampling.sampler_options(config.sample, "ddim"))
+    expected = sampling.generate(fn, params, jax.random.key(0), NUM, NUM, 2.0)
+    np.testing.assert_allclose(default, np.clip(expected, -1, 1), atol=1e-5)
+    same = cond.sample("ddim", steps=STEPS, num=NUM, guidance=2.0, labels=np.arange(NUM) % k)
+    np.testing.assert_array_equal(same, default)
+    other = cond.sample("ddim", steps=STEPS, num=NUM, guidance=2.0, labels=[3] * NUM)
+    assert not np.allclose(other, default)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 10\)"):
+        cond.sample("ddim", steps=STEPS, num=NUM, labels=[k] * NUM)
