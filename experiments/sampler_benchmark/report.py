@@ -8,9 +8,14 @@ import os
 from typing import Optional, Sequence
 
 import numpy as np
+# Figure + the Agg canvas directly, not pyplot: no global backend is chosen, nothing
+# needs a display, and a figure is freed when it goes out of scope.
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullLocator
 
 from diffusion.analytic.metrics import convergence_order
-from experiments.sampler_benchmark.plot import Panel, save_panels
 
 # Columns that describe a row rather than measure it.
 KEY_COLUMNS = ("sampler", "steps", "nfe", "deterministic")
@@ -128,9 +133,12 @@ def fit_orders(rows: Sequence[dict], metric: str = "rmse_ode",
 
 def plot(path: str, rows: Sequence[dict], metrics: Sequence[tuple],
          references: Optional[dict] = None, title: str = "") -> None:
-    """metrics: (column, panel title, log_y[, transform of the values]);
-    references: column -> {label: y}. Lines are drawn at each row's actual NFE, ticks
-    at the target NFEs."""
+    """Writes a PNG of metric-vs-NFE panels (log NFE axis, two panels a row, one legend).
+
+    metrics: (column, panel title, log_y[, transform of the values]);
+    references: column -> {label: y}, drawn as dashed horizontal lines. Lines are drawn
+    at each row's actual NFE, ticks at the target NFEs. Non-finite values (and, on a log
+    y axis, values <= 0) are left out."""
     panels = []
     for col, name, log_y, *fn in metrics:
         fn = fn[0] if fn else float
@@ -142,10 +150,67 @@ def plot(path: str, rows: Sequence[dict], metrics: Sequence[tuple],
                 series[label] = ([p[0] for p in pts], [fn(p[1]) for p in pts])
         if series:
             refs = {k: fn(v) for k, v in (references or {}).get(col, {}).items()}
-            panels.append(Panel(name, series, log_y, refs))
+            panels.append((name, series, log_y, refs))
     targets = sorted({r["target_nfe"] for r in rows if r.get("target_nfe") is not None})
     if panels:
-        save_panels(path, panels, title=title, x_ticks=targets)
+        _save_panels(path, panels, title, targets)
+
+
+def _shown(y, log_y: bool) -> bool:
+    return y is not None and math.isfinite(y) and (y > 0 or not log_y)
+
+
+def _save_panels(path: str, panels: list, title: str, x_ticks: Sequence[float]) -> None:
+    labels = []
+    for _, series, _, _ in panels:
+        labels += [l for l in series if l not in labels]
+    if not any(xs for _, series, _, _ in panels for xs, _ in series.values()):
+        raise ValueError("nothing to plot: every series is empty")
+    # tab20: its 10 dark shades for the first 10 series, then the 10 light ones.
+    colors = {l: colormaps["tab20"]((2 * i) % 20 + (i // 10) % 2) for i, l in enumerate(labels)}
+    cols = 1 if len(panels) == 1 else 2
+    nrows = math.ceil(len(panels) / cols)
+    legend_rows = math.ceil(len(labels) / 4)
+    fig = Figure(figsize=(5.6 * cols, 3.6 * nrows + 0.3 * legend_rows + 0.5), dpi=100)
+    FigureCanvasAgg(fig)
+    handles = {}
+    for i, (name, series, log_y, refs) in enumerate(panels):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xscale("log")
+        if log_y:
+            ax.set_yscale("log")
+        any_point = False
+        for label, (xs, ys) in series.items():
+            pts = sorted((x, y) for x, y in zip(xs, ys) if _shown(y, log_y))
+            if pts:
+                any_point = True
+                (line,) = ax.plot(*zip(*pts), marker="o", ms=3.5, lw=1.5, color=colors[label])
+                handles.setdefault(label, line)
+        for label, y in refs.items():
+            if _shown(y, log_y):
+                ax.axhline(y, ls="--", lw=1, color="0.4")
+                ax.annotate(label, (1, y), xycoords=("axes fraction", "data"),
+                            xytext=(-4, 3), textcoords="offset points", ha="right",
+                            fontsize=7, color="0.3")
+        if not any_point:
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center")
+        if x_ticks:
+            ax.set_xticks(list(x_ticks))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt(v) if v != int(v)
+                                                       else str(int(v))))
+        ax.set_xlabel("NFE (log scale)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, which="major", color="0.9")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.legend([handles[l] for l in labels if l in handles],
+               [l for l in labels if l in handles], loc="lower center", ncol=4,
+               fontsize=8, frameon=False)
+    bottom = (0.3 * legend_rows + 0.3) / fig.get_figheight()
+    fig.tight_layout(rect=(0, bottom, 1, 0.97 if title else 1))
+    fig.savefig(path)
 
 
 def write_tensorboard(logdir: str, rows: Sequence[dict], metrics: Sequence[str]) -> None:
