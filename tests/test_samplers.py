@@ -515,8 +515,9 @@ def test_sampler_options_from_the_config_and_the_free_form_section():
     c.sample.options = "sigmas=(2.0, 1.0),rho=5"      # a tuple keeps its commas
     assert sampling.sampler_options(c.sample, "consistency")["sigmas"] == (2.0, 1.0)
     c.sample.options = "steps_ofset=1"
-    with pytest.raises(ValueError, match=r"'ddim' has no option\(s\) \['steps_ofset'\]"):
+    with pytest.raises(ValueError, match=r"'ddim' has no option\(s\) \['steps_ofset'\]") as e:
         sampling.sampler_options(c.sample, "ddim")
+    assert getattr(e.value, "exit_code", None) == 2  # a ConfigError: launch.py exits 2
     c.sample.options = "steps_offset"
     with pytest.raises(ValueError, match="not key=value"):
         sampling.sampler_options(c.sample, "ddim")

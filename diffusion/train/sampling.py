@@ -17,6 +17,7 @@ import numpy as np
 
 from diffusion import parallel, samplers
 from diffusion.denoiser import Denoiser
+from diffusion.train.validate import ConfigError
 
 
 # The sample section's options from before `sample.options`, kept working: (config
@@ -65,7 +66,7 @@ def sampler_options(sample: ml_collections.ConfigDict, name: str) -> dict:
     rows of _SECTION_KEYS that it takes, `sample.strength` when < 1 (image-to-image),
     `sample.inpaint_resample` when > 0 (RePaint rounds; DDPM, DDIM), then the free-form `sample.options` ("steps_offset=1,final_step=zero"; see
     `samplers.parse_options`). Raises ValueError naming any option the sampler does not
-    take (`samplers.check_options`), before anything is compiled.
+    take (`samplers.check_options`; a ConfigError), before anything is compiled.
     """
     name = samplers.canonical_name(name)
     takes = inspect.signature(samplers.get_sampler(name)).parameters
@@ -82,8 +83,11 @@ def sampler_options(sample: ml_collections.ConfigDict, name: str) -> dict:
     # Passed to any sampler when set, so one that cannot resample says so.
     if int(sample.get("inpaint_resample", 0)) > 0:
         options["inpaint_resample"] = int(sample.inpaint_resample)
-    options.update(_free_form(sample.get("options", ""), name))
-    samplers.check_options(name, options)
+    try:
+        options.update(_free_form(sample.get("options", ""), name))
+        samplers.check_options(name, options)
+    except ValueError as e:  # a config error: launch.py prints it and exits 2
+        raise ConfigError(f"sample.options={sample.get('options', '')!r}: {e}") from None
     return options
 
 
