@@ -1,5 +1,5 @@
 """Library functions that replaced hand-written code give the hand-written results:
-optax's tree norm and Polyak average (train step, EMA); the benchmark plots are
+optax's tree norm and Polyak average (train step, EMA); dm_pix's PSNR/SSIM; the benchmark plots are
 matplotlib's."""
 import os
 
@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from diffusion.train.state import ema_decay, ema_update
 
@@ -64,3 +65,58 @@ def test_replot_redraws_a_shipped_result(tmp_path):
     shutil.copy(src, tmp_path / "results.csv")
     run.main(["--replot", str(tmp_path)])
     assert _is_png(tmp_path / "metrics.png")
+
+
+# ---- PSNR / SSIM: dm_pix ------------------------------------------------------------
+
+def _ssim_float64(x, y, data_range, size=11, sigma=1.5):
+    """The hand-written SSIM that dm_pix replaced, in float64 numpy: separable Gaussian
+    window over the 'valid' region, population variances, mean over positions and C."""
+    r = np.arange(size) - (size - 1) / 2
+    w = np.exp(-0.5 * (r / sigma) ** 2)
+    w /= w.sum()
+
+    def blur(a):  # [B, H, W, C] -> valid region
+        a = np.apply_along_axis(lambda v: np.convolve(v, w, "valid"), 1, a)
+        return np.apply_along_axis(lambda v: np.convolve(v, w, "valid"), 2, a)
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = (2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.reshape(len(s), -1).mean(axis=1)
+
+
+def test_ssim_and_psnr_match_the_hand_written_definitions():
+    from diffusion.image_metrics import psnr, ssim
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.uniform(k1, (3, 24, 20, 3), minval=-1, maxval=1)
+    noisy = jnp.clip(x + 0.2 * jax.random.normal(k2, x.shape), -1, 1)
+    other = jax.random.uniform(k3, x.shape, minval=-1, maxval=1)
+    for y in (noisy, other, x):
+        np.testing.assert_allclose(ssim(x, y), _ssim_float64(x, y, 2.0), atol=1e-5)
+        u, v = (x + 1) / 2, (y + 1) / 2
+        np.testing.assert_allclose(ssim(u, v, data_range=1.0), _ssim_float64(u, v, 1.0),
+                                   atol=1e-5)
+    small = ssim(x[:, :7, :7], noisy[:, :7, :7], window_size=7)
+    np.testing.assert_allclose(small, _ssim_float64(x[:, :7, :7], noisy[:, :7, :7], 2.0, 7),
+                               atol=1e-5)
+    mse = np.mean((np.asarray(x, np.float64) - np.asarray(noisy)) ** 2, axis=(1, 2, 3))
+    np.testing.assert_allclose(psnr(x, noisy), 10 * np.log10(4 / mse), rtol=1e-5)
+
+
+def test_ssim_closed_form_of_flat_images():
+    """Constant images a, b: no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1).
+    Small values: the float32 rounding of E[x^2] - mu^2 (zero here) grows with x^2."""
+    from diffusion.image_metrics import psnr, ssim
+    a, b = 0.02, 0.06
+    x, y = jnp.full((1, 16, 16, 2), a), jnp.full((1, 16, 16, 2), b)
+    c1 = (0.01 * 1.0) ** 2
+    np.testing.assert_allclose(ssim(x, y, data_range=1.0),
+                               (2 * a * b + c1) / (a * a + b * b + c1), rtol=1e-5)
+    np.testing.assert_allclose(psnr(x, y, data_range=1.0), 10 * np.log10(1 / 0.04 ** 2), rtol=1e-5)
+    with pytest.raises(ValueError, match="window 11 is larger than image size 8x8"):
+        ssim(x[:, :8, :8], y[:, :8, :8])
+    with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
+        psnr(x[0], y[0])
