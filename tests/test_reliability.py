@@ -93,7 +93,7 @@ def test_crafted_torch_file_headers_are_bounds_checked(tmp_path):
 
 
 def test_crafted_safetensors_header_is_bounds_checked(tmp_path):
-    from diffusion.convert.torch_files import _read_safetensors
+    from diffusion.convert.torch_files import load_safetensors
 
     def write(name, header, data=b"\0" * 16):
         h = json.dumps(header).encode()
@@ -103,18 +103,18 @@ def test_crafted_safetensors_header_is_bounds_checked(tmp_path):
         return path
 
     ok = write("ok.safetensors", {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}})
-    assert _read_safetensors(ok)["w"].shape == (2, 2)
+    assert load_safetensors(ok)["w"].shape == (2, 2)
     for i, info in enumerate([
             {"dtype": "F32", "shape": [1 << 20], "data_offsets": [0, 16]},
             {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
             {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}]):
         with pytest.raises(ValueError, match="malformed"):
-            _read_safetensors(write(f"bad{i}.safetensors", {"w": info}))
+            load_safetensors(write(f"bad{i}.safetensors", {"w": info}))
     path = str(tmp_path / "huge_header.safetensors")
     with open(path, "wb") as f:
         f.write((1 << 60).to_bytes(8, "little") + b"{}")
     with pytest.raises(ValueError, match="malformed"):
-        _read_safetensors(path)
+        load_safetensors(path)
 
 
 def test_inception_converter_loads_weights_only(tmp_path, monkeypatch):
