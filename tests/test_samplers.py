@@ -528,3 +528,13 @@ def test_sampler_options_from_the_config_and_the_free_form_section():
     assert sampling.sampler_options(c.sample, "ddpm")["inpaint_resample"] == 3
     with pytest.raises(ValueError, match=r"has no option\(s\) \['inpaint_resample'\]"):
         sampling.sampler_options(c.sample, "heun")
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing", "iddpm"])
+def test_every_step_count_visits_that_many_valid_indices(spacing):
+    # Trailing spacing built with np.arange(T, 0, -T / N) got an extra index -1 from float
+    # error at N = 61 of T = 1000 (a step to t = 0 that the NFE count did not know).
+    from diffusion.samplers.base import timesteps
+    for n in range(1, 1001):
+        idx = timesteps(1000, n, spacing)
+        assert len(idx) == n and idx.min() >= 0 and idx.max() <= 999, (spacing, n)

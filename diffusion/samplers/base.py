@@ -75,7 +75,9 @@ def timesteps(T: int, num_steps: int, spacing: str = "trailing",
     elif spacing == "leading":
         idx = np.arange(num_steps, dtype=np.int64) * (T // num_steps) + int(steps_offset)
     elif spacing == "trailing":
-        idx = np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64) - 1
+        # From k = 0..N-1 exactly: np.arange(T, 0, -T / N) (diffusers' form) gains an
+        # element near 0 from float error for some N (61 of 1000), which became index -1.
+        idx = np.round(T - np.arange(num_steps) * (T / num_steps)).astype(np.int64) - 1
     elif spacing == "iddpm":
         idx = _iddpm_indices(T, num_steps)
     else:
