@@ -70,6 +70,7 @@ class Pipeline:
     mesh: Any
     objective: Any
     _fns: dict = dataclasses.field(default_factory=dict, repr=False)
+    _vae: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def denoiser(self) -> Denoiser:
@@ -82,15 +83,31 @@ class Pipeline:
 
     @property
     def vae(self) -> tuple[Any, Any] | None:
-        """(module, params) of the VAE that decodes a latent run's samples, else None."""
+        """(module, params) of the VAE that decodes a latent run's samples, else None:
+        a VAE trained here (latent.vae_workdir, loaded by `load`, so without its
+        dataset) or diffusers weights (latent.vae_weights). Loaded once."""
         if not self.is_latent:
             return None
-        vae = latent_decoding.load_vae(self.config.latent, list(self.mesh.devices.flat))
-        if vae is None:
-            raise ValueError(f"{self.workdir} is a latent run but its config names no VAE: "
-                             "set config.latent.vae_workdir or latent.vae_weights on the "
-                             "loaded pipeline's config")
-        return vae
+        if self._vae is None:
+            latent, devices = self.config.latent, list(self.mesh.devices.flat)
+            if latent.vae_workdir and not latent.vae_weights:
+                run = load(latent.vae_workdir, devices=devices)
+                if run.config.train.objective != "vae":
+                    raise ValueError(f"latent.vae_workdir {run.workdir} is a run of "
+                                     f"train.objective {run.config.train.objective!r}, "
+                                     "not a VAE ('vae')")
+                vae = (run.model, run.params)
+            else:  # diffusers weights; both keys set is an error there
+                vae = latent_decoding.load_vae(latent, devices)
+            if vae is None:
+                raise ValueError(f"{self.workdir} is a latent run but its config names no "
+                                 "VAE: set latent.vae_workdir or latent.vae_weights in "
+                                 "pipe.config")
+            if vae[0].latent_channels != self.image_shape[-1]:
+                raise ValueError(f"the VAE has {vae[0].latent_channels} latent channels but "
+                                 f"{self.workdir} samples {self.image_shape[-1]}")
+            self._vae = vae
+        return self._vae
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """Latents [N, h, w, c] as sampled -> images [N, H, W, C] in [-1, 1]."""

@@ -1,6 +1,7 @@
 """diffusion.load(workdir): a tiny trained run as a library object. EMA params equal the
 checkpoint's, sampling works with several samplers, no dataset is needed, step= picks
 the checkpoint, missing runs fail naming the path, and the quickstart notebook runs."""
+import dataclasses
 import json
 import os
 import runpy
@@ -14,7 +15,10 @@ import pytest
 
 import diffusion
 from configs.default import get_config
-from diffusion.train import loop
+from configs.vae_fashion_mnist import get_config as vae_config
+from diffusion import pretrained
+from diffusion.models import build_model
+from diffusion.train import loop, sampling
 from diffusion.train.run_config import read_run_config
 from diffusion.train.setup import build_run
 
@@ -152,10 +156,6 @@ def test_quickstart_runs_and_matches_its_notebook(workdir, tmp_path, monkeypatch
 def test_class_conditional_labels_and_guidance(pipe):
     """A conditional network (random weights) in a Pipeline: the default labels and
     guidance sample exactly as training's make_sample_fn; labels and w take effect."""
-    import dataclasses
-
-    from diffusion.models import build_model
-    from diffusion.train import sampling
     k = 10
     config = pipe.config.copy_and_resolve_references()
     config.conditioning.num_classes = k
@@ -179,3 +179,25 @@ def test_class_conditional_labels_and_guidance(pipe):
     assert not np.allclose(other, default)
     with pytest.raises(ValueError, match=r"class indices in \[0, 10\)"):
         cond.sample("ddim", steps=STEPS, num=NUM, labels=[k] * NUM)
+
+
+def test_latent_run_decodes_with_its_vae(pipe, tmp_path):
+    """A latent run (random denoiser and VAE weights): samples latents of the shape in
+    the latent dataset's manifest.json and returns them decoded, as images."""
+    latents = tmp_path / "latents"
+    latents.mkdir()
+    (latents / "manifest.json").write_text(json.dumps({"latent_shape": [4, 4, 4],
+                                                       "scale_factor": 0.5}))
+    config = pipe.config.copy_and_resolve_references()
+    config.data.update(source=f"latents:{latents}", image_size=0)
+    config.sample.clip_x0 = 0.0
+    assert pretrained._source_shape(config, "run") == (4, 4, 4)
+    model = build_model(config.model, (4, 4, 4), 0, False)
+    params = model.init(jax.random.key(1), np.zeros((1, 4, 4, 4), np.float32),
+                        np.zeros(1, np.float32), None, train=False)["params"]
+    vae = build_model(vae_config("runlocal").model, (8, 8, 3), 0)  # 8x8x3 <-> 4x4x4
+    vae_params = vae.init(jax.random.key(2), np.zeros((1, 8, 8, 3), np.float32))["params"]
+    latent = dataclasses.replace(pipe, config=config, model=model, params=params,
+                                 image_shape=(4, 4, 4), _fns={}, _vae=(vae, vae_params))
+    x = latent.sample("ddim", steps=STEPS, num=NUM)
+    assert x.shape == (NUM, 8, 8, 3) and np.isfinite(x).all() and np.abs(x).max() <= 1.0
