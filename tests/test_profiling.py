@@ -52,3 +52,12 @@ def test_bad_window_names_the_key(spec):
 def test_parse():
     assert parse_profile_steps("10, 15") == (10, 15)
     assert parse_profile_steps(None) is None
+
+
+def test_training_run_writes_the_trace_of_its_window(tmp_path):
+    from configs.default import get_config
+    from diffusion.train import loop
+    cfg = get_config("runlocal")
+    cfg.train.update(num_steps=3, sample_every=0, eval_every=0, profile_steps="1,2")
+    loop.train_and_evaluate(cfg, str(tmp_path))
+    assert glob.glob(os.path.join(str(tmp_path), "plugins", "profile", "*", "*.xplane.pb"))

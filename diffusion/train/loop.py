@@ -29,7 +29,7 @@ import numpy as np
 from diffusion import images, parallel
 from diffusion.data import BatchIterator
 from diffusion.io_errors import guard
-from diffusion.train import latent_decoding, sampling
+from diffusion.train import latent_decoding, profiling, sampling
 from diffusion.train.setup import Run, build_run, write_config
 from diffusion.train.workdir_lock import WorkdirLock
 from diffusion.writers import MetricWriter, Progress
@@ -314,9 +314,11 @@ def _train(run: Run, c: ml_collections.ConfigDict, state, data_step: int,
     progress = Progress(c.train.num_steps) if jax.process_index() == 0 else None
     pending, last_metrics = None, {}
     t_log, step_log = time.perf_counter(), start
-    with _Sigterm() as sigterm:
+    with _Sigterm() as sigterm, profiling.StepProfiler(c.train.get("profile_steps", ""),
+                                                       run.workdir) as profiler:
         step = start
         while step < c.train.num_steps:
+            profiler.before_step(step, state)
             state, metrics, first_bad = compiled(state, batch, first_bad)
             step += 1
             if pending is not None:  # read step k-1 only now that step k is queued
@@ -352,6 +354,7 @@ def _train(run: Run, c: ml_collections.ConfigDict, state, data_step: int,
                     f"preempted (SIGTERM) at step {step}: checkpoint saved in "
                     f"{run.checkpointer.directory}/{step}; relaunch the same command to "
                     f"resume")
+        profiler.finish(state)
     if pending is not None:
         last_metrics = _log(run, pending, writer, progress, c, flops_per_step, compile_s,
                             t_log, step_log)
