@@ -324,3 +324,19 @@ def test_sigterm_to_one_host_stops_every_host_at_the_same_step(tmp_path):
     assert [p.returncode for p in procs] == [loop.EXIT_PREEMPTED] * 2, outs
     steps = [int(o.split("preempted (SIGTERM) at step ")[1].split(":")[0]) for o in outs]
     assert steps[0] == steps[1] and _steps_on_disk(wd) == [steps[0]]
+
+
+def test_sample_mode_falls_back_past_a_corrupt_newest_checkpoint(nan_run, tmp_path):
+    from diffusion.train.generate import sample_from_workdir
+    wd = str(tmp_path / "run")
+    shutil.copytree(nan_run[0], wd)
+    step_dir = os.path.join(wd, "checkpoints", "4", "state", "d")
+    for name in os.listdir(step_dir):
+        with open(os.path.join(step_dir, name), "r+b") as f:
+            f.truncate(3)
+    cfg = _tiny()
+    cfg.sample.update(num_samples=2, num_steps=2)
+    path = sample_from_workdir(cfg, wd, overrides=[])
+    assert path.endswith("_step2.npz") and os.path.exists(path)
+    # Sampling reads a run; it never moves its checkpoints.
+    assert os.path.isdir(os.path.join(wd, "checkpoints", "4"))

@@ -43,7 +43,9 @@ def sample_from_workdir(config: Optional[ml_collections.ConfigDict], workdir: st
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {run.workdir}/checkpoints: train first "
                                 f"with `python launch.py --config ... --workdir {workdir}`")
-    state, _ = run.checkpointer.restore(run.abstract_state)
+    # The newest checkpoint that restores (a corrupt one is skipped with a warning, and
+    # left where it is: sampling never changes a run's checkpoints).
+    step, state, _ = run.checkpointer.restore_latest(run.abstract_state)
     s = run.config.sample
     n_dev = run.mesh.devices.size
     bs = int(math.ceil(min(s.batch_size, s.num_samples) / n_dev) * n_dev)
