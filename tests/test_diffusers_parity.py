@@ -41,12 +41,7 @@ BETAS = {"linear": dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
 TRAINED_MAX = "trained max"  # placeholder: sigma_ve at the last trained step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    old = jax.config.values.get("jax_disable_most_optimizations", False)
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # see conftest.py
 
 
 def exact_eps_np(x: np.ndarray, ab: float) -> np.ndarray:

@@ -28,12 +28,7 @@ X_KNOWN = jnp.asarray(np.random.default_rng(0).multivariate_normal(
 CASES = [("ddim", 10, {}), ("ddpm", 10, {}), ("dpmpp_2m", 10, {}), ("euler_a", 10, {})]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    old = jax.config.values.get("jax_disable_most_optimizations", False)
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # see conftest.py
 
 
 def _run(name, steps, options, **kw):

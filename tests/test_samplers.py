@@ -41,13 +41,7 @@ K = 64    # small batch for the batch-size / guidance checks
 CALLS = [0]  # network calls made, counted at run time
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    # Halves XLA's CPU compile time; the numbers checked here do not depend on it.
-    old = jax.config.values.get("jax_disable_most_optimizations", False)
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # see conftest.py
 
 
 # ---- exact models --------------------------------------------------------------------
