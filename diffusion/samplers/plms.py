@@ -17,6 +17,14 @@ The first steps lack history; `warmup` chooses how they start:
 A warm-up step whose end is t = 0 falls back to Adams-Bashforth (the model is never
 evaluated at t = 0, where sigma = 0), which the NFE counts above include.
 
+Caution, schedules with alpha(1) ~ 0 (cosine: 5e-5; zero terminal SNR): the step from
+t = 1 multiplies x - sigma_t e' by alpha_s / alpha_t (~2,000 for cosine at 10 steps), so
+an e' that is not the model's own eps at (x, t), as the pseudo-Euler and PRK warm-ups
+make it, is amplified by that factor. Measured on the default Fashion-MNIST model
+(cosine, trailing spacing): FID in the millions with "pseudo_euler"; use "lower_order"
+(whose first step is DDIM's) or leading spacing there
+(experiments/sampler_benchmark/fashion_mnist).
+
 diffusers' PNDMScheduler is warmup="pseudo_euler" (skip_prk_steps=True, Stable
 Diffusion's setting) or "prk" (skip_prk_steps=False), with its grid conventions as
 options (`base.step_times`): steps_offset, set_alpha_to_one, prev_timestep="stride".

@@ -170,7 +170,8 @@ def _save_panels(path: str, panels: list, title: str, x_ticks: Sequence[float]) 
     colors = {l: colormaps["tab20"]((2 * i) % 20 + (i // 10) % 2) for i, l in enumerate(labels)}
     cols = 1 if len(panels) == 1 else 2
     nrows = math.ceil(len(panels) / cols)
-    legend_rows = math.ceil(len(labels) / 4)
+    legend_cols = 2 * cols  # a one-panel figure is too narrow for four entries a row
+    legend_rows = math.ceil(len(labels) / legend_cols)
     fig = Figure(figsize=(5.6 * cols, 3.6 * nrows + 0.3 * legend_rows + 0.5), dpi=100)
     FigureCanvasAgg(fig)
     handles = {}
@@ -206,7 +207,7 @@ def _save_panels(path: str, panels: list, title: str, x_ticks: Sequence[float]) 
     if title:
         fig.suptitle(title, fontsize=11)
     fig.legend([handles[l] for l in labels if l in handles],
-               [l for l in labels if l in handles], loc="lower center", ncol=4,
+               [l for l in labels if l in handles], loc="lower center", ncol=legend_cols,
                fontsize=8, frameon=False)
     bottom = (0.3 * legend_rows + 0.3) / fig.get_figheight()
     fig.tight_layout(rect=(0, bottom, 1, 0.97 if title else 1))
