@@ -5,8 +5,9 @@
 What it reaches (measured on a 2-core x86-64 machine, details in BENCHMARKS.md): 3000
 steps at batch 32; the v-MSE loss falls from ~0.58 at step 50 to ~0.16 at the end; the
 EMA samples with DDIM-50 are recognisable Fashion-MNIST items (shirts, trousers, shoes,
-bags) with classifier-feature FID@500 ~17. About 24 minutes of wall time on one CPU device
-with other jobs sharing the cores; see BENCHMARKS.md for the current figure.
+bags) with classifier-feature FID@500 ~17 (17.3, and 17.27 when retrained). Speed on 2
+idle cores: 3.9 steps/s with launch.py's default 2 CPU devices (3.4 with one), i.e. about
+13 minutes of stepping (BENCHMARKS.md).
 Tiny mode for tests: configs/default.py:runlocal
 """
 from configs.base import get_base_config, is_tiny, make_tiny
