@@ -529,6 +529,10 @@ def test_every_step_count_visits_that_many_valid_indices(spacing):
     # Trailing spacing built with np.arange(T, 0, -T / N) got an extra index -1 from float
     # error at N = 61 of T = 1000 (a step to t = 0 that the NFE count did not know).
     from diffusion.samplers.base import timesteps
+    from diffusion.samplers.grids import DPM_SPACINGS, dpm_discrete_indices
     for n in range(1, 1001):
         idx = timesteps(1000, n, spacing)
         assert len(idx) == n and idx.min() >= 0 and idx.max() <= 999, (spacing, n)
+        if spacing in DPM_SPACINGS:  # DPM-Solver's diffusers grids: the same N indices
+            idx = dpm_discrete_indices(1000, n, spacing)
+            assert len(idx) == n and idx.min() >= 0 and idx.max() <= 999, (spacing, n)

@@ -109,7 +109,7 @@ def dpm_discrete_indices(T: int, num_steps: int, spacing: str,
     elif spacing == "leading":
         idx = (np.arange(num_steps + 1) * (T // (num_steps + 1)))[::-1][:-1] + int(steps_offset)
     elif spacing == "trailing":
-        idx = np.round(np.arange(T, 0, -T / num_steps)) - 1
+        idx = timesteps(T, num_steps, "trailing")
     else:
         raise ValueError(f"unknown DPM-Solver spacing {spacing!r}; known: {DPM_SPACINGS}")
     idx = idx.astype(np.int64)
