@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion.convert.params import fill_params
 from diffusion.convert.torch_files import load_state_dict
 from diffusion.models.vae import AutoencoderKL
 
@@ -100,34 +101,6 @@ def to_diffusers_layout(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.nd
     return out
 
 
-def _flax_path(key: str) -> tuple[str, ...]:
-    """'a.b.0.c.weight' -> ('a', 'b_0', 'c', 'weight'): fold indices into names."""
-    parts: list[str] = []
-    for tok in key.split("."):
-        if tok.isdigit() and parts:
-            parts[-1] = f"{parts[-1]}_{tok}"
-        else:
-            parts.append(tok)
-    return tuple(parts)
-
-
-def _convert_leaf(key: str, value: np.ndarray, target_name: str,
-                  target_shape: tuple[int, ...]) -> np.ndarray:
-    value = np.asarray(value, dtype=np.float32)
-    if target_name == "kernel" and len(target_shape) == 4:
-        value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    elif target_name == "kernel" and len(target_shape) == 2:
-        if value.ndim == 4:  # a 1x1 conv used as a dense layer (LDM attention)
-            if value.shape[2:] != (1, 1):
-                raise ValueError(f"{key}: cannot use a {value.shape} conv as a dense layer")
-            value = value[:, :, 0, 0]
-        value = value.T
-    if value.shape != tuple(target_shape):
-        raise ValueError(f"{key}: converted shape {value.shape} does not match the "
-                         f"module's {target_name} shape {tuple(target_shape)}")
-    return value
-
-
 def convert_diffusers_vae(state_dict: Mapping[str, np.ndarray],
                           config: AutoencoderKL | Mapping[str, Any]) -> dict:
     """diffusers AutoencoderKL state dict -> our `params` tree (numpy float32 leaves).
@@ -140,45 +113,7 @@ def convert_diffusers_vae(state_dict: Mapping[str, np.ndarray],
     f = module.downsample_factor
     template = jax.eval_shape(module.init, jax.random.key(0),
                               jnp.zeros((1, f, f, module.in_channels)))["params"]
-    flat_template = {path: leaf.shape for path, leaf in _flatten(template)}
-
-    sd = to_diffusers_layout(state_dict)
-    flat: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected = []
-    for key, value in sd.items():
-        path = _flax_path(key)
-        *mod, leaf = path
-        candidates = {"weight": ("kernel", "scale"), "bias": ("bias",)}.get(leaf, ())
-        target = next((tuple(mod) + (c,) for c in candidates
-                       if tuple(mod) + (c,) in flat_template), None)
-        if target is None:
-            unexpected.append(key)
-            continue
-        flat[target] = _convert_leaf(key, value, target[-1], flat_template[target])
-    missing = sorted("/".join(p) for p in flat_template if p not in flat)
-    if unexpected or missing:
-        raise ValueError(f"state dict does not match the VAE config: "
-                         f"{len(unexpected)} unexpected keys {sorted(unexpected)[:8]}, "
-                         f"{len(missing)} missing params {missing[:8]}")
-    return _unflatten(flat)
-
-
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()):
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _flatten(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = v
-    return tree
+    return fill_params(to_diffusers_layout(state_dict), template, "VAE")
 
 
 def load_sd_vae(path: str | os.PathLike, config: Mapping[str, Any] | None = None,
