@@ -129,7 +129,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.sample.seed = 0
 
     # Training the autoencoder (train.objective "vae"), after LDM's loss: see
-    # diffusion.vae_losses. The optimizer of the discriminator is `optim`'s.
+    # diffusion.autoencoder.losses. The optimizer of the discriminator is `optim`'s.
     c.vae_loss = ml_collections.ConfigDict()
     c.vae_loss.rec_kind = "l1"            # l1 | l2, summed per image
     c.vae_loss.kl_weight = 1e-6

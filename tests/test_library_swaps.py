@@ -89,7 +89,7 @@ def _ssim_float64(x, y, data_range, size=11, sigma=1.5):
 
 
 def test_ssim_and_psnr_match_the_hand_written_definitions():
-    from diffusion.image_metrics import psnr, ssim
+    from diffusion.autoencoder.metrics import psnr, ssim
     k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
     x = jax.random.uniform(k1, (3, 24, 20, 3), minval=-1, maxval=1)
     noisy = jnp.clip(x + 0.2 * jax.random.normal(k2, x.shape), -1, 1)
@@ -109,7 +109,7 @@ def test_ssim_and_psnr_match_the_hand_written_definitions():
 def test_ssim_closed_form_of_flat_images():
     """Constant images a, b: no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1).
     Small values: the float32 rounding of E[x^2] - mu^2 (zero here) grows with x^2."""
-    from diffusion.image_metrics import psnr, ssim
+    from diffusion.autoencoder.metrics import psnr, ssim
     a, b = 0.02, 0.06
     x, y = jnp.full((1, 16, 16, 2), a), jnp.full((1, 16, 16, 2), b)
     c1 = (0.01 * 1.0) ** 2

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from diffusion.image_metrics import psnr, ssim
+from diffusion.autoencoder.losses import (NLayerDiscriminator, adaptive_weight, hinge_d_loss,
+                                          kl_divergence, last_layer_grad, reconstruction_loss,
+                                          vae_discriminator_loss, vae_generator_loss)
+from diffusion.autoencoder.metrics import psnr, ssim
 from diffusion.models.vae import AutoencoderKL, estimate_scale_factor
-from diffusion.vae_losses import (NLayerDiscriminator, adaptive_weight, hinge_d_loss,
-                                  kl_divergence, last_layer_grad, reconstruction_loss,
-                                  vae_discriminator_loss, vae_generator_loss)
 
 TINY = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
 

@@ -1,5 +1,5 @@
 """Registers train.objective "vae": the KL autoencoder of latent diffusion, trained with
-LDM's loss (diffusion.vae_train) through the same loop, checkpoints and launch.py.
+LDM's loss (diffusion.autoencoder.train_step) through the same loop, checkpoints and launch.py.
 
     model.name = "vae"   hyperparameters in model.vae, in/out channels from the data
     vae_loss.*           reconstruction kind, KL weight, PatchGAN and its start step
@@ -22,8 +22,8 @@ import numpy as np
 from diffusion import parallel
 from diffusion.models import DTYPES
 from diffusion.train.objectives import OBJECTIVES, Objective
-from diffusion.vae_losses import NLayerDiscriminator
-from diffusion.vae_train import init_discriminator, make_vae_train_step
+from diffusion.autoencoder.losses import NLayerDiscriminator
+from diffusion.autoencoder.train_step import init_discriminator, make_vae_train_step
 
 
 def _check(run) -> None:

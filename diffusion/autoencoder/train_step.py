@@ -3,7 +3,7 @@
 One step, for images x [B, H, W, C] in [-1, 1]:
   1. the autoencoder: x_hat = D(z), z ~ q(z|x); minimise
        L_G = rec(x, x_hat) + kl_weight * KL + [step >= disc_start] * lambda * (-mean P(x_hat))
-     (diffusion.vae_losses; lambda is LDM's adaptive weight), EMA of its params;
+     (diffusion.autoencoder.losses; lambda is LDM's adaptive weight), EMA of its params;
   2. the PatchGAN P, from step disc_start on: minimise the hinge loss on x and on the
      same x_hat (held constant). Before disc_start it is skipped (lax.cond), so its
      optimizer state, learning-rate warm-up included, starts at disc_start.
@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion.image_metrics import psnr, ssim
+from diffusion.autoencoder.losses import (NLayerDiscriminator, vae_discriminator_loss,
+                                          vae_generator_loss_and_recon)
+from diffusion.autoencoder.metrics import psnr, ssim
 from diffusion.models.vae import AutoencoderKL
 from diffusion.train.state import TrainState, ema_decay, ema_update
-from diffusion.vae_losses import (NLayerDiscriminator, vae_discriminator_loss,
-                                  vae_generator_loss_and_recon)
 
 
 def init_discriminator(disc: NLayerDiscriminator, tx: optax.GradientTransformation,
