@@ -372,6 +372,6 @@ def test_tfds_missing_dataset_says_how_to_prepare(tmp_path):
 
 def test_prepare_without_tensorflow_explains(monkeypatch, capsys):
     monkeypatch.setattr(prepare_lib, "_tensorflow_available", lambda: False)
-    assert prepare_lib.main(["--dataset", "cifar10", "--data_dir", "/tmp/x"]) == 1
+    assert prepare_lib.main(["prepare", "--dataset", "cifar10", "--data_dir", "/tmp/x"]) == 1
     err = capsys.readouterr().err
     assert "pip install tensorflow-cpu" in err and "network" in err

@@ -11,12 +11,23 @@ says which and where when it runs.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
+from typing import Sequence
+
+from absl import app, flags
+
+from diffusion import cli
 
 TENSORFLOW_HINT = ("preparing a tfds dataset needs TensorFlow (pip install tensorflow-cpu) "
                    "and network access; reading it afterwards needs neither")
+
+FLAGS = flags.FlagValues()  # the tool's own registry (see diffusion.cli)
+flags.DEFINE_string("dataset", None, "tfds name, e.g. cifar10, mnist, celeb_a",
+                    flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "where to put it (default: $TFDS_DATA_DIR or "
+                    "~/tensorflow_datasets)", flag_values=FLAGS)
+flags.mark_flag_as_required("dataset", flag_values=FLAGS)
 
 
 def _tensorflow_available() -> bool:
@@ -34,23 +45,19 @@ def prepare(name: str, data_dir: str | None = None) -> str:
     return str(builder.data_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m diffusion.data.prepare",
-        description=f"Prepare a tfds dataset as array_record. Note: {TENSORFLOW_HINT}.")
-    parser.add_argument("--dataset", required=True, help="tfds name, e.g. cifar10, mnist, celeb_a")
-    parser.add_argument("--data_dir", default=None,
-                        help="where to put it (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str]) -> int:
+    """argv as absl.app gives it (program name first); returns the exit status."""
+    if len(cli.parse(FLAGS, argv)) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        path = prepare(args.dataset, args.data_dir)
+        path = prepare(FLAGS.dataset, FLAGS.data_dir)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"prepared {args.dataset} at {path}; read it with "
-          f"make_source('tfds:{args.dataset}', data_dir={args.data_dir!r})")
+    print(f"prepared {FLAGS.dataset} at {path}; read it with "
+          f"make_source('tfds:{FLAGS.dataset}', data_dir={FLAGS.data_dir!r})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, FLAGS)

@@ -11,11 +11,18 @@ The keys are checked against the expected layout before the file is written.
 
 from __future__ import annotations
 
-import argparse
+from typing import Sequence
 
 import numpy as np
+from absl import app, flags
 
+from diffusion import cli
 from diffusion.evaluation.inception_weights import state_dict_to_variables
+
+FLAGS = flags.FlagValues()  # the tool's own registry (see diffusion.cli)
+flags.DEFINE_string("in", None, "pytorch-fid .pth", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output .npz", flag_values=FLAGS)
+flags.mark_flags_as_required(["in", "out"], flag_values=FLAGS)
 
 
 def convert(in_path: str, out_path: str) -> int:
@@ -38,14 +45,12 @@ def convert(in_path: str, out_path: str) -> int:
     return len(arrays)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--in", dest="in_path", required=True, help="pytorch-fid .pth")
-    parser.add_argument("--out", dest="out_path", required=True, help="output .npz")
-    args = parser.parse_args()
-    n = convert(args.in_path, args.out_path)
-    print(f"wrote {n} arrays to {args.out_path}")
+def main(argv: Sequence[str]) -> None:
+    if len(cli.parse(FLAGS, argv)) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    n = convert(FLAGS["in"].value, FLAGS.out)
+    print(f"wrote {n} arrays to {FLAGS.out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS)

@@ -24,8 +24,9 @@ import sys
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from absl import flags
+from absl import app, flags
 
+from diffusion import cli
 from diffusion.evaluation import frechet, sample_files
 from diffusion.evaluation.classifier import DEFAULT_WEIGHTS, fit_to_classifier
 from diffusion.evaluation.evaluate import (FeatureNetwork, classifier_features,
@@ -110,10 +111,9 @@ def evaluate_files(ref_path: str, sample_path: str, net: FeatureNetwork, *,
 def main(argv: Sequence[str]) -> None:
     """Parses argv (program name first), prints the metrics; a bad input exits with one
     line naming the problem."""
-    FLAGS.unparse_flags()  # in-process callers (tests) parse more than once
     try:
-        paths = FLAGS(list(argv))[1:]
-    except flags.Error as e:
+        paths = cli.parse(FLAGS, argv)[1:]
+    except app.UsageError as e:
         sys.exit(f"fid: {e}\n{USAGE}")
     if len(paths) != 2:
         sys.exit(f"fid: give two files (reference and samples), got {len(paths)}\n{USAGE}")
@@ -132,4 +132,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    cli.run(main, FLAGS)

@@ -11,18 +11,29 @@ dataset-fashion-mnist IDX files).
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
 
+from diffusion import cli
 from diffusion.data import BatchIterator, make_source
 from diffusion.evaluation.classifier import SmallClassifier, save_classifier
+
+FLAGS = flags.FlagValues()  # the tool's own registry (see diffusion.cli)
+flags.DEFINE_string("out", "diffusion/evaluation/assets/fmnist_classifier.msgpack",
+                    "Where to write the classifier's params (.msgpack).", flag_values=FLAGS)
+flags.DEFINE_integer("epochs", 2, "Passes over the training split.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 128, "Images per step.", flag_values=FLAGS)
+flags.DEFINE_float("learning_rate", 2e-3, "Adam's peak rate (cosine decay to 0).",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Initialisation and data order.", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "IDX directory (default: Debian's).", flag_values=FLAGS)
 
 
 def _make_step(model: SmallClassifier, tx: optax.GradientTransformation):
@@ -82,17 +93,12 @@ def train(out_path: str, epochs: int = 2, batch_size: int = 128, learning_rate: 
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="diffusion/evaluation/assets/fmnist_classifier.msgpack")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--learning_rate", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data_dir", default=None, help="IDX directory (default: Debian's)")
-    args = parser.parse_args()
-    train(args.out, args.epochs, args.batch_size, args.learning_rate, args.seed, args.data_dir)
+def main(argv: Sequence[str]) -> None:
+    if len(cli.parse(FLAGS, argv)) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    train(FLAGS.out, FLAGS.epochs, FLAGS.batch_size, FLAGS.learning_rate, FLAGS.seed,
+          FLAGS.data_dir)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS)
