@@ -309,7 +309,7 @@ def test_registered_sampler_has_its_theoretical_order(name, order_problem):
 
 def test_benchmark_runner_writes_its_tables(tmp_path):
     from experiments.sampler_benchmark import run
-    run.main(["--problem", "gaussian2d", "--samplers", "ddim,ddpm", "--nfe", "4,8",
+    run.main(["run", "--problem", "gaussian2d", "--samplers", "ddim,ddpm", "--nfe", "4,8",
               "--num_samples", "64", "--ref_steps", "16", "--baseline_samples", "1000",
               "--out", str(tmp_path)])
     for f in ("results.csv", "results.md", "metrics.png"):
@@ -321,7 +321,7 @@ def test_benchmark_runner_writes_its_tables(tmp_path):
     assert float(ddim[1]["rmse_ode"]) < float(ddim[0]["rmse_ode"])
     assert all(r["rmse_ode"] == "" for r in rows if r["sampler"] == "ddpm")
     with pytest.raises(ValueError, match="unknown sampler"):
-        run.main(["--problem", "gaussian2d", "--samplers", "nope"])
+        run.main(["run", "--problem", "gaussian2d", "--samplers", "nope"])
 
 
 # ---- schedules that reach (almost) pure noise -----------------------------------------

@@ -63,7 +63,7 @@ def test_replot_redraws_a_shipped_result(tmp_path):
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "experiments", "sampler_benchmark", "gmm2d", "results.csv")
     shutil.copy(src, tmp_path / "results.csv")
-    run.main(["--replot", str(tmp_path)])
+    run.main(["run", "--replot", str(tmp_path)])
     assert _is_png(tmp_path / "metrics.png")
 
 

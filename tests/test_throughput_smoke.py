@@ -48,8 +48,8 @@ def test_mfu_and_targets():
 
 def test_tiny_run_end_to_end(tmp_path):
     out = str(tmp_path / "out")
-    result = run.main(["--rows", "DiT-S/8,Sample-DiT-S/8", "--batch", "2", "--steps", "2",
-                       "--warmup", "1", "--tiny", "--devices", "1", "--no-isolate",
+    result = run.main(["run", "--rows", "DiT-S/8,Sample-DiT-S/8", "--batch", "2", "--steps", "2",
+                       "--warmup", "1", "--tiny", "--devices", "1", "--noisolate",
                        "--out", out])
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)

@@ -1,7 +1,7 @@
 """Steps/s of the default config's train step on all CPU cores (one XLA device per core,
 batch sharded over them) vs one device, interleaved in one process.
 
-    python experiments/cpu_devices/run.py [--config configs/default.py] [--reps 7] [--steps 10]
+    python -m experiments.cpu_devices.run [--config configs/default.py] [--reps 7] [--steps 10]
 
 The process is started with one CPU device per core (diffusion.cpu_devices); the
 one-device run uses jax.devices()[:1] of the same process, the all-core run every
@@ -17,16 +17,23 @@ medians and of per-round ratios.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
+from typing import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from diffusion import cpu_devices  # noqa: E402  (no JAX: must precede it)
+from absl import app, flags
+
+from diffusion import cli, cpu_devices  # no JAX: cpu_devices must act before JAX starts
+
+FLAGS = flags.FlagValues()  # the tool's own registry (see diffusion.cli)
+flags.DEFINE_string("config", "configs/default.py", "config file", flag_values=FLAGS)
+flags.DEFINE_string("devices", "auto", "auto (one per core) or N", flag_values=FLAGS)
+flags.DEFINE_integer("reps", 7, "rounds", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 10, "timed steps per round and setup", flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 3, "untimed steps after compile", flag_values=FLAGS)
 
 
 def thread_ticks() -> dict[str, int]:
@@ -80,14 +87,10 @@ class RunnableSampler:
         return sum(self.counts) / max(1, len(self.counts))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/default.py")
-    parser.add_argument("--devices", default="auto", help="auto (one per core) or N")
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    args = parser.parse_args()
+def main(argv: Sequence[str]) -> None:
+    if len(cli.parse(FLAGS, argv)) > 1:
+        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    args = FLAGS
     n = cpu_devices.configure(args.devices)
     import importlib.util
 
@@ -169,4 +172,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS)

@@ -1,7 +1,7 @@
 """Images/s of the batch iterator over a tfds array_record dataset: decode, crop, flip,
 scale to [-1, 1], and (--shard) the device_put of each batch over the CPU devices.
 
-    python experiments/input_pipeline/run.py [--sizes 32,256] [--workers 0,1,2] [--reps 5]
+    python -m experiments.input_pipeline.run [--sizes 32,256] [--modes old,threads] [--reps 5]
 
 Builds two synthetic tfds datasets once (in --data_dir, default a temp dir) in the
 format of the real catalogue: `bench_png32`, 32x32x3 PNG images like CIFAR-10, and
@@ -17,17 +17,17 @@ per-core rate, robust to load from other jobs) and n per mode.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import statistics
-import sys
 import tempfile
 import time
+from typing import Sequence
 
 import numpy as np
+from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from diffusion import cli
 
 NUM_EXAMPLES = {32: 20000, 256: 2000}
 BATCH = {32: 256, 256: 64}
@@ -104,15 +104,22 @@ def old_batch_at(it, step: int) -> dict:
     return dict(image=x, label=np.asarray(data["label"], np.int32))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data_dir", default=os.path.join(tempfile.gettempdir(), "bench_tfds"))
-    p.add_argument("--sizes", default="32,256")
-    p.add_argument("--modes", default=",".join(MODES), help=f"of {list(MODES)}")
-    p.add_argument("--batches", type=int, default=20, help="batches per timing")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--shard", action="store_true", help="also device_put each batch")
-    args = p.parse_args()
+FLAGS = flags.FlagValues()  # the tool's own registry (see diffusion.cli)
+flags.DEFINE_string("data_dir", os.path.join(tempfile.gettempdir(), "bench_tfds"),
+                    "where the synthetic datasets are built", flag_values=FLAGS)
+flags.DEFINE_string("sizes", "32,256", "image sizes, comma-separated: 32 and/or 256",
+                    flag_values=FLAGS)
+flags.DEFINE_string("modes", ",".join(MODES), f"comma-separated, of {list(MODES)}",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("batches", 20, "batches per timing", flag_values=FLAGS)
+flags.DEFINE_integer("reps", 5, "rounds", flag_values=FLAGS)
+flags.DEFINE_bool("shard", False, "also device_put each batch", flag_values=FLAGS)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(cli.parse(FLAGS, argv)) > 1:
+        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    args = FLAGS
     from diffusion import cpu_devices
     if args.shard:
         cpu_devices.configure("auto")
@@ -185,4 +192,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS)

@@ -22,17 +22,18 @@ and OUT/fid_vs_nfe.png.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
-from diffusion import evaluation, samplers
+from diffusion import cli, evaluation, samplers
 from diffusion.evaluation import frechet
 from diffusion.evaluation.inception_score import inception_score
 from diffusion.evaluation.precision_recall import precision_recall
@@ -186,27 +187,38 @@ def write_outputs(out: str, rows: list[dict], command: str, meta: str) -> None:
                 references={"fid": refs}, title="Fashion-MNIST, EMA model")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--samplers", required=True)
-    p.add_argument("--nfe", default="5,10,20,50,100")
-    p.add_argument("--num_samples", type=int, default=2000)
-    p.add_argument("--num_samples_above", default="",
-                   help="NFE:N pairs, e.g. 50:500,100:250: fewer samples from that NFE on")
-    p.add_argument("--keep_full", default="",
-                   help="sampler@NFE items that keep --num_samples anyway, e.g. ddim@50")
-    p.add_argument("--reference", default="ddim:steps=500",
-                   help="high-NFE reference rows: name:steps=N[:opt=v], comma-separated")
-    p.add_argument("--reference_samples", type=int, default=2000)
-    p.add_argument("--batch_size", type=int, default=250)
-    p.add_argument("--bootstrap", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    args = p.parse_args()
+FLAGS = flags.FlagValues()  # the tool's own registry (see diffusion.cli)
+flags.DEFINE_string("workdir", None, "the trained run", flag_values=FLAGS)
+flags.DEFINE_string("samplers", None, "comma-separated name[:key=value...]", flag_values=FLAGS)
+flags.DEFINE_string("nfe", "5,10,20,50,100", "target NFEs, comma-separated", flag_values=FLAGS)
+flags.DEFINE_integer("num_samples", 2000, "samples per row", flag_values=FLAGS)
+flags.DEFINE_string("num_samples_above", "",
+                    "NFE:N pairs, e.g. 50:500,100:250: fewer samples from that NFE on",
+                    flag_values=FLAGS)
+flags.DEFINE_string("keep_full", "",
+                    "sampler@NFE items that keep --num_samples anyway, e.g. ddim@50",
+                    flag_values=FLAGS)
+flags.DEFINE_string("reference", "ddim:steps=500",
+                    "high-NFE reference rows: name:steps=N[:opt=v], comma-separated",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("reference_samples", 2000, "samples of each reference row",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 250, "images per sampling call", flag_values=FLAGS)
+flags.DEFINE_integer("bootstrap", 200, "bootstrap resamples of the FID interval",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "sample seed", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output directory", flag_values=FLAGS)
+flags.mark_flags_as_required(["workdir", "samplers", "out"], flag_values=FLAGS)
+
+
+def main(argv: Sequence[str]) -> None:
+    """Computes the table; argv as absl.app gives it (program name first)."""
+    if len(cli.parse(FLAGS, argv)) > 1:
+        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    args = FLAGS
     os.makedirs(os.path.join(args.out, "features"), exist_ok=True)
     command = "python -m experiments.sampler_benchmark.fid_table " + " ".join(
-        f"--{k}={v}" for k, v in vars(args).items() if v not in ("", None))
+        f"--{k}={v}" for k, v in FLAGS.flag_values_dict().items() if v not in ("", None))
     nfes = parse_ints(args.nfe, "--nfe")
     fewer = {int(a): int(b) for a, b in (s.split(":") for s in args.num_samples_above.split(",")
                                          if s)}
@@ -276,4 +288,4 @@ def _meta(bench: Bench, args) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS)

@@ -1,9 +1,9 @@
 """Sampler benchmark: samplers from the registry at several NFE, scored against exact
 ground truth (a Gaussian mixture) or, for a trained checkpoint, with FID-style metrics.
 
-    python experiments/sampler_benchmark/run.py --problem gmm2d --nfe 5,10,20,50 \
+    python -m experiments.sampler_benchmark.run --problem gmm2d --nfe 5,10,20,50 \
         --num_samples 4000 --out experiments/sampler_benchmark/gmm2d
-    python experiments/sampler_benchmark/run.py --checkpoint WORKDIR \
+    python -m experiments.sampler_benchmark.run --checkpoint WORKDIR \
         --samplers ddim,dpmpp_2m --nfe 10,20,50 --num_samples 1000
 
 --samplers: comma-separated registry names, each optionally with options,
@@ -27,23 +27,52 @@ exact consistency function (closed form for one Gaussian, an RK4 solve for a mix
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
+from types import SimpleNamespace
+from typing import Sequence
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from diffusion import cli, samplers
+from experiments.sampler_benchmark import report
+from experiments.sampler_benchmark.specs import parse_ints, parse_samplers, sampler_runs
 
-from diffusion import samplers  # noqa: E402
-from experiments.sampler_benchmark import report  # noqa: E402
-from experiments.sampler_benchmark.specs import (parse_ints, parse_samplers,  # noqa: E402
-                                                 sampler_runs)
+# Default output directories of analytic problems: experiments/sampler_benchmark/<problem>.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+FLAGS = flags.FlagValues()  # the tool's own registry (see diffusion.cli)
+flags.DEFINE_string("problem", None, "analytic problem: gmm2d, gmm_image, gaussian2d",
+                    flag_values=FLAGS)
+flags.DEFINE_string("checkpoint", None, "workdir of a trained run", flag_values=FLAGS)
+flags.DEFINE_string("replot", None, "redraw DIR/metrics.png from DIR/results.csv of an "
+                    "analytic run", flag_values=FLAGS)
+flags.mark_flags_as_mutual_exclusive(["problem", "checkpoint", "replot"], required=True,
+                                     flag_values=FLAGS)
+flags.DEFINE_string("config", "", "--checkpoint: config file[:arg] (default: "
+                    "WORKDIR/config.json)", flag_values=FLAGS)
+flags.DEFINE_string("samplers", "all", "comma-separated name[:key=value...]; all = every "
+                    "registered sampler", flag_values=FLAGS)
+flags.DEFINE_string("nfe", "5,10,20,50", "target NFEs, comma-separated", flag_values=FLAGS)
+flags.DEFINE_integer("num_samples", 2000, "samples per row", flag_values=FLAGS)
+flags.DEFINE_string("out", "", "output directory (default: "
+                    "experiments/sampler_benchmark/<problem> or WORKDIR/sampler_benchmark)",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "seed of x_T and of the samplers' noise", flag_values=FLAGS)
+flags.DEFINE_string("schedule", "linear", "analytic: noise schedule name", flag_values=FLAGS)
+flags.DEFINE_integer("T", 1000, "analytic: schedule length", flag_values=FLAGS)
+flags.DEFINE_integer("ref_steps", 200, "analytic: RK4 steps", flag_values=FLAGS)
+flags.DEFINE_integer("baseline_samples", 20000,
+                     "analytic: true samples for the entropy baseline", flag_values=FLAGS)
+flags.DEFINE_integer("cm_ode_steps", 64,
+                     "analytic: RK4 steps of the exact consistency model of a mixture",
+                     flag_values=FLAGS)
+flags.DEFINE_bool("conditional", False, "analytic: sample class i % num_classes for sample i",
+                  flag_values=FLAGS)
+flags.DEFINE_float("guidance", 1.0, "checkpoint: CFG weight", flag_values=FLAGS)
 
 
 # Samplers that expect a consistency model: on analytic problems they get the exact
@@ -254,32 +283,11 @@ def plot_analytic(out: str, rows, problem: str, ref_err: float) -> None:
                 title=f"{problem}: metric vs NFE")
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--problem", help="analytic problem: gmm2d, gmm_image, gaussian2d")
-    src.add_argument("--checkpoint", help="workdir of a trained run")
-    src.add_argument("--replot", help="redraw DIR/metrics.png from DIR/results.csv of an "
-                     "analytic run")
-    p.add_argument("--config", default="", help="--checkpoint: config file[:arg] (default: "
-                   "WORKDIR/config.json)")
-    p.add_argument("--samplers", default="all")
-    p.add_argument("--nfe", default="5,10,20,50")
-    p.add_argument("--num_samples", type=int, default=2000)
-    p.add_argument("--out", default="", help="output directory (default: "
-                   "experiments/sampler_benchmark/<problem> or WORKDIR/sampler_benchmark)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--schedule", default="linear", help="analytic: noise schedule name")
-    p.add_argument("--T", type=int, default=1000, help="analytic: schedule length")
-    p.add_argument("--ref_steps", type=int, default=200, help="analytic: RK4 steps")
-    p.add_argument("--baseline_samples", type=int, default=20000,
-                   help="analytic: true samples for the entropy baseline")
-    p.add_argument("--cm_ode_steps", type=int, default=64,
-                   help="analytic: RK4 steps of the exact consistency model of a mixture")
-    p.add_argument("--conditional", action="store_true",
-                   help="analytic: sample class i %% num_classes for sample i")
-    p.add_argument("--guidance", type=float, default=1.0, help="checkpoint: CFG weight")
-    args = p.parse_args(argv)
+def main(argv: Sequence[str]) -> None:
+    """Runs the benchmark; argv as absl.app gives it (program name first)."""
+    if len(cli.parse(FLAGS, argv)) > 1:
+        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    args = SimpleNamespace(**FLAGS.flag_values_dict())
     if args.replot:
         rows = report.read_csv(os.path.join(args.replot, "results.csv"))
         ref = next(r for r in rows if r["sampler"].startswith("reference ODE"))
@@ -291,11 +299,9 @@ def main(argv=None) -> None:
     nfes = parse_ints(args.nfe, "--nfe")
     if args.num_samples < 2:
         raise ValueError(f"--num_samples must be >= 2, got {args.num_samples}")
-    command = "python experiments/sampler_benchmark/run.py " + " ".join(
-        sys.argv[1:] if argv is None else argv)
+    command = "python -m experiments.sampler_benchmark.run " + " ".join(argv[1:])
     if args.problem:
-        out = report.ensure_dir(args.out or os.path.join(_ROOT, "experiments",
-                                                         "sampler_benchmark", args.problem))
+        out = report.ensure_dir(args.out or os.path.join(_HERE, args.problem))
         rows, info = run_analytic(args, specs, nfes)
         write_analytic_report(out, command, rows, info, nfes)
     else:
@@ -306,4 +312,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS)

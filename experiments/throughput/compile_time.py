@@ -1,6 +1,6 @@
 """Compile time of a DiT train step, blocks unrolled vs under nn.scan (model.dit.scan_blocks).
 
-    python experiments/throughput/compile_time.py [--variant XL/2] [--batch 2] [--reps 2]
+    python -m experiments.throughput.compile_time [--variant XL/2] [--batch 2] [--reps 2]
 
 The full train step of the throughput benchmark (diffusion.train.step: learned-sigma
 loss, AdamW, EMA) for the paper's DiT on 32x32x4 latents, 1000 classes, is lowered and
@@ -14,19 +14,32 @@ threads): on a shared machine the wall time grows with the load, the CPU time do
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from typing import Sequence
 
+from absl import app, flags
+
+from diffusion import cli
+
+# The repository root: each measurement runs `python -m experiments.throughput.compile_time`
+# from there.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = flags.FlagValues()  # the tool's own registry (see diffusion.cli)
+flags.DEFINE_string("variant", "XL/2", "DiT variant", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 2, "global batch", flag_values=FLAGS)
+flags.DEFINE_integer("reps", 2, "measurements per layout", flag_values=FLAGS)
+flags.DEFINE_bool("remat", False, "rematerialise blocks", flag_values=FLAGS)
+flags.DEFINE_enum("one", None, ["scan", "unrolled"], "internal: measure this layout once "
+                  "in this process and print it as JSON", flag_values=FLAGS)
 
 
 def measure(variant: str, batch: int, scan: bool, remat: bool) -> dict:
-    sys.path.insert(0, ROOT)
     import jax
     import jax.numpy as jnp
 
@@ -59,14 +72,10 @@ def measure(variant: str, batch: int, scan: bool, remat: bool) -> dict:
             "lower_cpu_s": c1 - c0, "compile_cpu_s": c2 - c1, "jax": jax.__version__}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variant", default="XL/2")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--reps", type=int, default=2, help="measurements per layout")
-    p.add_argument("--remat", action="store_true")
-    p.add_argument("--one", choices=["scan", "unrolled"], help=argparse.SUPPRESS)
-    args = p.parse_args()
+def main(argv: Sequence[str]) -> None:
+    if len(cli.parse(FLAGS, argv)) > 1:
+        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    args = FLAGS
     if args.one:
         print(json.dumps(measure(args.variant, args.batch, args.one == "scan", args.remat)))
         return
@@ -77,9 +86,10 @@ def main():
     for r in range(args.reps):
         order += ["unrolled", "scan"] if r % 2 == 0 else ["scan", "unrolled"]
     for layout in order:
-        cmd = [sys.executable, os.path.abspath(__file__), "--variant", args.variant,
-               "--batch", str(args.batch), "--one", layout] + (["--remat"] if args.remat else [])
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        cmd = [sys.executable, "-m", "experiments.throughput.compile_time", "--variant",
+               args.variant, "--batch", str(args.batch), "--one", layout] + (
+                   ["--remat"] if args.remat else [])
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
         res = json.loads(out.stdout.strip().splitlines()[-1])
         results[layout].append(res)
         print(f"{layout}: lower {res['lower_s']:.1f} s, compile {res['compile_s']:.1f} s "
@@ -100,4 +110,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS)

@@ -1,9 +1,11 @@
 """Training and sampling throughput of the DiT and U-Net denoisers, and their MFU, on
 whatever devices JAX finds.
 
-    python experiments/throughput/run.py --out experiments/throughput/results
-    python experiments/throughput/run.py --rows DiT-XL/2 --batch 256 --steps 30 --remat on
-    python experiments/throughput/run.py --rows DiT-S/8 --batch 2 --steps 2 --tiny  # CPU
+    python -m experiments.throughput.run --out experiments/throughput/results
+    python -m experiments.throughput.run --rows DiT-XL/2 --batch 256 --steps 30 --remat on
+    python -m experiments.throughput.run --rows DiT-S/8 --batch 2 --steps 2 --tiny  # CPU
+
+(from the repository root, where `experiments` is a package)
 
 Rows (see rows.py): DiT-S/2, B/2, L/2, XL/2 training at 32x32x4 latents, batch 256,
 1000 classes, learned sigma; UNet-CIFAR (DDPM's 35.7M U-Net) at 32x32x3, batch 128;
@@ -12,14 +14,13 @@ device's dense matmul peak is measured (an n^3 product, --matmul_size), then eac
 compile time, ms/step (median after warm-up), images/s, peak device memory, forward
 GFLOPs (XLA's count) and MFU = 3 x forward FLOPs x images/s / peak.
 
-Each measurement runs in a fresh process (--no-isolate: all in this one), so that a
+Each measurement runs in a fresh process (--noisolate: all in this one), so that a
 row's peak memory is its own and an out-of-memory row does not end the others. With
 --remat auto (default) a training row that runs out of memory is retried with remat.
 Writes results.json and results.md to --out (device kind, versions, date, command).
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
 import json
@@ -28,45 +29,59 @@ import shlex
 import subprocess
 import sys
 import traceback
+from types import SimpleNamespace
+from typing import Sequence
 
+from absl import app, flags
+
+from diffusion import cli
+from experiments.throughput import report
+from experiments.throughput.rows import DEFAULT_ROWS, parse_rows
+
+# The repository root: workers run as `python -m experiments.throughput.run` from there.
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from experiments.throughput import report  # noqa: E402
-from experiments.throughput.rows import DEFAULT_ROWS, parse_rows  # noqa: E402
 
 _RESULT = "THROUGHPUT_RESULT "
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default="all", help=f"comma-separated; all = {','.join(DEFAULT_ROWS)}")
-    p.add_argument("--batch", type=int, default=0, help="global batch of every row; 0 = "
-                   "each row's own (256, U-Net 128)")
-    p.add_argument("--steps", type=int, default=20, help="timed train steps per row")
-    p.add_argument("--warmup", type=int, default=3, help="untimed train steps after compile")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="activations (parameters and optimizer states stay float32)")
-    p.add_argument("--remat", default="auto", choices=["off", "on", "auto"],
-                   help="rematerialise blocks; auto = only after running out of memory")
-    p.add_argument("--fsdp", action="store_true", help="shard params/EMA/Adam over devices")
-    p.add_argument("--devices", type=int, default=0, help="use the first N devices; 0 = all")
-    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
-    p.add_argument("--sample_steps", type=int, default=None,
-                   help="DDIM steps of Sample- rows (default 50; 2 with --tiny)")
-    p.add_argument("--sample_repeats", type=int, default=3, help="timed sampling calls")
-    p.add_argument("--matmul_size", type=int, default=None,
-                   help="n of the n^3 peak matmul (default 8192; 512 with --tiny)")
-    p.add_argument("--peak_tflops", type=float, default=0.0,
-                   help="per-device peak for MFU; 0 = the measured matmul peak")
-    p.add_argument("--tiny", action="store_true", help="tiny networks, for CPU smoke runs")
-    p.add_argument("--out", default="experiments/throughput/results")
-    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
-                   help="one process per measurement (default) or all in this one")
-    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+FLAGS = flags.FlagValues()  # the tool's own registry (see diffusion.cli)
+flags.DEFINE_string("rows", "all", f"comma-separated; all = {','.join(DEFAULT_ROWS)}",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("batch", 0, "global batch of every row; 0 = each row's own (256, U-Net "
+                     "128)", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 20, "timed train steps per row", flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 3, "untimed train steps after compile", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
+                  "activations (parameters and optimizer states stay float32)",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("remat", "auto", ["off", "on", "auto"],
+                  "rematerialise blocks; auto = only after running out of memory",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("fsdp", False, "shard params/EMA/Adam over devices", flag_values=FLAGS)
+flags.DEFINE_integer("devices", 0, "use the first N devices; 0 = all", flag_values=FLAGS)
+flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn"], "attention backend",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("sample_steps", None, "DDIM steps of Sample- rows (default 50; 2 with "
+                     "--tiny)", flag_values=FLAGS)
+flags.DEFINE_integer("sample_repeats", 3, "timed sampling calls", flag_values=FLAGS)
+flags.DEFINE_integer("matmul_size", None, "n of the n^3 peak matmul (default 8192; 512 with "
+                     "--tiny)", flag_values=FLAGS)
+flags.DEFINE_float("peak_tflops", 0.0, "per-device peak for MFU; 0 = the measured matmul "
+                   "peak", flag_values=FLAGS)
+flags.DEFINE_bool("tiny", False, "tiny networks, for CPU smoke runs", flag_values=FLAGS)
+flags.DEFINE_string("out", "experiments/throughput/results", "output directory",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("isolate", True, "one process per measurement (default) or, with "
+                  "--noisolate, all in this one", flag_values=FLAGS)
+flags.DEFINE_string("worker", "", "internal: run one measurement (JSON) and print its result",
+                    flag_values=FLAGS)
+
+
+def parse_args(argv: Sequence[str]) -> SimpleNamespace:
+    """The options of argv (program name first), defaults filled in and checked."""
+    if len(cli.parse(FLAGS, argv)) > 1:
+        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    args = SimpleNamespace(**FLAGS.flag_values_dict())
     if args.sample_steps is None:
         args.sample_steps = 2 if args.tiny else 50
     if args.matmul_size is None:
@@ -124,8 +139,9 @@ def _in_subprocess(task: dict) -> dict:
     env = dict(os.environ)
     # A worker is alone on the device: let XLA's allocator take most of it.
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(task)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+    cmd = [sys.executable, "-m", "experiments.throughput.run", "--worker", json.dumps(task)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env,
+                          cwd=_ROOT)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT):
             return json.loads(line[len(_RESULT):])
@@ -141,8 +157,8 @@ def _versions() -> dict:
             "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__}
 
 
-def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def main(argv: Sequence[str]) -> dict:
+    """Runs the benchmark; argv as absl.app gives it (program name first)."""
     args = parse_args(argv)
     if args.worker:
         print(_RESULT + json.dumps(_safe_task(json.loads(args.worker))), flush=True)
@@ -176,7 +192,7 @@ def main(argv=None) -> dict:
         "device": device, "peak": peak, "mfu_peak_tflops": mfu_peak, "nominal_tflops": nominal,
         "versions": _versions(), "options": options, "rows": results,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "experiments/throughput/run.py", *argv]),
+        "command": shlex.join(["python", "-m", "experiments.throughput.run", *argv[1:]]),
     }
     json_path, md_path = report.write(result, args.out)
     print(report.markdown(result))
@@ -185,4 +201,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS)
