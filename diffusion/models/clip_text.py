@@ -109,6 +109,17 @@ class CLIPAttention(nn.Module):
         return _dense(d, self.dtype, "out_proj")(h.reshape(b, s, d))
 
 
+class CLIPMLP(nn.Module):
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        h = _dense(c.intermediate_size, self.dtype, "fc1")(x)
+        return _dense(c.hidden_size, self.dtype, "fc2")(ACTIVATIONS[c.hidden_act](h))
+
+
 class CLIPEncoderLayer(nn.Module):
     """x + attn(LN1(x)), then + fc2(act(fc1(LN2(x))))."""
     config: CLIPTextConfig
@@ -122,17 +133,6 @@ class CLIPEncoderLayer(nn.Module):
         h = _layer_norm(c.layer_norm_eps, self.dtype, "layer_norm2")(x)
         h = CLIPMLP(c, self.dtype, name="mlp")(h)
         return x + h
-
-
-class CLIPMLP(nn.Module):
-    config: CLIPTextConfig
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = self.config
-        h = _dense(c.intermediate_size, self.dtype, "fc1")(x)
-        return _dense(c.hidden_size, self.dtype, "fc2")(ACTIVATIONS[c.hidden_act](h))
 
 
 class CLIPTextEmbeddings(nn.Module):
