@@ -124,6 +124,12 @@ def _pre_tokenize(text: str) -> list[str]:
     return pieces
 
 
+def pre_tokenize(text: str) -> list[str]:
+    """The pieces of raw `text` that BPE merges within (normalised, then split as in
+    step 3): what a vocabulary for this tokenizer is learned from."""
+    return _pre_tokenize(normalize(text))
+
+
 class CLIPTokenizer:
     """CLIP's BPE over a vocabulary (token -> id) and a ranked merge list.
 
