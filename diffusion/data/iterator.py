@@ -7,7 +7,10 @@ The data order is a pure function of (seed, step):
     [k*B, (k+1)*B), so a batch may straddle two epochs and every example is seen exactly
     once per epoch;
   * the horizontal flips of batch k come from default_rng([seed, 1, k]), one draw per
-    global batch position.
+    global batch position;
+  * a source with a `conditioning(indices, epochs, seed)` method (captions) adds its
+    arrays to each batch, e.g. tokens int32 [B_local, 77], a function of each example's
+    index and epoch and the seed, so they resume and split over processes as the images.
 Hence resuming is `start_step=k` (checkpoint `.step`), and with several processes each
 takes its contiguous slice [p*B/P, (p+1)*B/P) of the same global batch.
 Float sources (a LatentSource of VAE latents) are passed through as float32, unscaled
@@ -49,7 +52,8 @@ def _available_cores() -> int:
 
 
 class BatchIterator:
-    """Yields dict(image=float32 [B_local, H, W, C] in [-1, 1], label=int32 [B_local]).
+    """Yields dict(image=float32 [B_local, H, W, C] in [-1, 1], label=int32 [B_local]),
+    plus the source's conditioning arrays if it has any (tokens=int32 [B_local, L]).
 
     uint8 sources are mapped to [-1, 1]; float sources (latents) pass through unchanged.
 
@@ -158,15 +162,22 @@ class BatchIterator:
                 self._perm_cache[epoch] = perm
         return perm
 
-    def indices_at(self, step: int) -> np.ndarray:
-        """Example indices of this process's part of global batch `step`, int64 [B_local]."""
-        b, n = self.global_batch_size, self.num_examples
-        start = step * b + self.process_index * self.local_batch_size
+    def _positions(self, step: int) -> np.ndarray:
+        """Stream positions of this process's part of global batch `step`, int64."""
+        start = step * self.global_batch_size + self.process_index * self.local_batch_size
         stop = start + self.local_batch_size
         if self.num_epochs is not None:
-            stop = min(stop, self.num_epochs * n)
-        pos = np.arange(start, max(start, stop))
-        epochs, offsets = np.divmod(pos, n)
+            stop = min(stop, self.num_epochs * self.num_examples)
+        return np.arange(start, max(start, stop))
+
+    def epochs_at(self, step: int) -> np.ndarray:
+        """The epoch of each example of this process's part of batch `step`, int64."""
+        return self._positions(step) // self.num_examples
+
+    def indices_at(self, step: int) -> np.ndarray:
+        """Example indices of this process's part of global batch `step`, int64 [B_local]."""
+        pos = self._positions(step)
+        epochs, offsets = np.divmod(pos, self.num_examples)
         out = np.empty(len(pos), np.int64)
         for e in np.unique(epochs):
             sel = epochs == e
@@ -182,6 +193,13 @@ class BatchIterator:
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         """This process's part of global batch `step`."""
         indices = self.indices_at(step)
+        batch = self._images_at(step, indices)
+        conditioning = getattr(self.source, "conditioning", None)
+        if conditioning is not None:
+            batch.update(conditioning(indices, self.epochs_at(step), self.seed))
+        return batch
+
+    def _images_at(self, step: int, indices: np.ndarray) -> dict[str, np.ndarray]:
         flips = self.flips_at(step)[:len(indices)] if self.random_flip else None
         chunks = min(self.decode_workers, len(indices) // _MIN_CHUNK)
         if chunks < 2:

@@ -3,6 +3,9 @@
 Names:
   fashion_mnist_idx        Fashion-MNIST, offline, from Debian's dataset-fashion-mnist
                            (data_dir defaults to /usr/share/datasets/fashion-mnist)
+  fashion_mnist_captions   the same with a caption per example and epoch: batches carry
+                           tokens int32 [B, 77] (diffusion.data.captioned); option
+                           vocab_dir= for CLIP tokenizer files instead of the demo's
   idx                      any directory of MNIST-format IDX files (data_dir required)
   synthetic[:HxWxC[:N]]    deterministic labelled patterns (default 32x32x3, N=512);
                            options num_examples=, num_classes=
@@ -18,10 +21,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from diffusion.data.captioned import fashion_mnist_captions_source
 from diffusion.data.sources import Source, fashion_mnist_source, idx_source, synthetic_source
 
-KNOWN_SOURCES = ("fashion_mnist_idx", "idx", "synthetic[:HxWxC[:N]]", "tfds:<name>",
-                 "latents:<dir>")
+KNOWN_SOURCES = ("fashion_mnist_idx", "fashion_mnist_captions", "idx",
+                 "synthetic[:HxWxC[:N]]", "tfds:<name>", "latents:<dir>")
 
 _SYNTHETIC = re.compile(r"synthetic(?::(\d+)x(\d+)x(\d+)(?::(\d+))?)?")
 
@@ -35,6 +39,8 @@ def make_source(name: str, split: str = "train", data_dir: str | None = None,
     """
     if name == "fashion_mnist_idx":
         return fashion_mnist_source(split, data_dir, **options)
+    if name == "fashion_mnist_captions":
+        return fashion_mnist_captions_source(split, data_dir, **options)
     if name == "idx":
         if not data_dir:
             raise ValueError("source 'idx' needs data_dir: a directory holding "

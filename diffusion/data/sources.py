@@ -7,6 +7,10 @@ A source holds uint8 images and int32 labels and hands out any subset by index:
     source.image_shape                (H, W, C); H, W may be None for variable-size data
     source.num_classes                K; 0 for unlabelled data (labels are then -1,
                                       the null class of the networks)
+    source.conditioning(indices, epochs, seed)
+                                      optional: more per-example inputs that may change
+                                      per epoch, e.g. dict(tokens=int32 [n, 77]) of a
+                                      CaptionedSource (diffusion.data.captioned)
 
 Ordering, shuffling, batching and the [-1, 1] scaling are the BatchIterator's job.
 """
