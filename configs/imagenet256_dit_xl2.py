@@ -5,9 +5,9 @@
     python -m diffusion.data.prepare --dataset imagenet2012 --data_dir ~/tensorflow_datasets
     # 2. Encode once with SD's VAE (diffusers stabilityai/sd-vae-ft-ema: config.json +
     #    diffusion_pytorch_model.safetensors; scale 0.18215 from its config)
-    python -m diffusion.latents --vae /data/sd-vae-ft-ema --source tfds:imagenet2012 \\
-        --data_dir ~/tensorflow_datasets --image_size 256 --out /data/imagenet256_latents \\
-        --batch_size 256 --dtype float16
+    python -m diffusion.autoencoder.encode --vae /data/sd-vae-ft-ema \\
+        --source tfds:imagenet2012 --data_dir ~/tensorflow_datasets --image_size 256 \\
+        --out /data/imagenet256_latents --batch_size 256 --dtype float16
     # 3. Train (resumes from the newest checkpoint in the workdir)
     python launch.py --config configs/imagenet256_dit_xl2.py --workdir runs/imagenet256_dit_xl2 \\
         --config.data.source=latents:/data/imagenet256_latents \\

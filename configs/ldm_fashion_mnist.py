@@ -2,8 +2,8 @@
 of configs/vae_fashion_mnist.py. Three steps:
 
     python launch.py --config configs/vae_fashion_mnist.py --workdir runs/vae_fashion_mnist
-    python -m diffusion.latents --vae runs/vae_fashion_mnist --source fashion_mnist_idx \\
-        --image_size 32 --out runs/fmnist_latents
+    python -m diffusion.autoencoder.encode --vae runs/vae_fashion_mnist \\
+        --source fashion_mnist_idx --image_size 32 --out runs/fmnist_latents
     python launch.py --config configs/ldm_fashion_mnist.py --workdir runs/ldm_fashion_mnist
 
 The second step encodes the 60k training images once (posterior means, scaled by

@@ -1,5 +1,6 @@
-"""Latent dataset job: shard contents, the LatentSource reader, resuming after a crash,
-the scale-factor estimate, and the CLI end to end on a tiny VAE."""
+"""Latent dataset job: shard contents, the LatentSource reader (memory-mapped .npy shards,
+clear errors for a truncated or corrupt shard and for the old .npz format), resuming
+after a crash, the scale-factor estimate, and the CLI end to end on a tiny VAE."""
 from __future__ import annotations
 
 import json
@@ -9,9 +10,10 @@ import re
 import jax
 import numpy as np
 import pytest
+from absl import app
 
-from diffusion.latents import (LatentSource, _shard_arrays, encode_dataset, main,
-                               shard_name)
+from diffusion.autoencoder.encode import encode_dataset, main
+from diffusion.data.latents import LatentSource, load_shard, read_manifest, shard_dir
 from diffusion.models.vae import AutoencoderKL
 
 
@@ -64,13 +66,16 @@ def test_shards_and_latent_source(tmp_path):
                               scale_factor=0.5, log=None, info={"vae": "fake"})
     assert manifest["complete"] and manifest["num_shards"] == 4
     assert manifest["latent_shape"] == [2, 2, 1] and manifest["info"] == {"vae": "fake"}
-    assert sorted(os.listdir(out)) == [shard_name(k) for k in range(4)] + ["manifest.json"]
-    last = _shard_arrays(os.path.join(out, shard_name(3)))
-    assert isinstance(last["mean"], np.memmap)  # read lazily, not loaded whole
-    with np.load(os.path.join(out, shard_name(3))) as ref:
-        for key in ("mean", "std", "label", "index"):
-            np.testing.assert_array_equal(last[key], ref[key])
+    assert sorted(os.listdir(out)) == ["manifest.json"] + [shard_dir(k) for k in range(4)]
+    assert sorted(os.listdir(os.path.join(out, shard_dir(3)))) == \
+        ["index.npy", "label.npy", "mean.npy", "std.npy"]
+    last = load_shard(out, 3, manifest)
+    for key in ("mean", "std", "label", "index"):
+        assert isinstance(last[key], np.memmap)  # read lazily, not loaded whole
+        ref = np.load(os.path.join(out, shard_dir(3), f"{key}.npy"))  # read whole
+        np.testing.assert_array_equal(last[key], ref)
     np.testing.assert_array_equal(last["index"], np.arange(24, 30))
+    assert last["mean"].shape == (6, 2, 2, 1) and last["label"].dtype == np.int32
 
     src = LatentSource(out, with_std=True)
     assert len(src) == 30 and src.image_shape == (2, 2, 1) and src.num_classes == 3
@@ -94,24 +99,29 @@ def test_resume_after_crash_redoes_nothing(tmp_path):
     # 30 examples, shards of 8 in batches of 4: 2 calls per shard; call 5 is shard 2's first.
     with pytest.raises(RuntimeError, match="simulated crash"):
         encode_dataset(FakeSource(30), CountingEncoder(fail_on=5), out, 8, 4, log=None)
-    assert sorted(f for f in os.listdir(out) if f.endswith(".npz")) == \
-        [shard_name(0), shard_name(1)]
-    with pytest.raises(ValueError, match="incomplete"):
+    assert sorted(f for f in os.listdir(out) if f.startswith("shard-")) == \
+        [shard_dir(0), shard_dir(1)]
+    with pytest.raises(ValueError, match="(?s)incomplete.*python -m diffusion.autoencoder.encode"):
         LatentSource(out)
-    # Backdate the finished shards so a rewrite would show in their mtimes.
-    for k in (0, 1):
-        os.utime(os.path.join(out, shard_name(k)), ns=(10**18, 10**18))
+    # Backdate the finished shards' files so a rewrite would show in their mtimes.
+    stamped = [os.path.join(out, shard_dir(k), f"{a}.npy") for k in (0, 1)
+               for a in ("mean", "std", "label", "index")]
+    for path in stamped:
+        os.utime(path, ns=(10**18, 10**18))
+    # A folder left by a write that died half-way is not a shard, and is replaced.
+    os.makedirs(os.path.join(out, shard_dir(2) + ".tmp"))
     enc = CountingEncoder()
     manifest = encode_dataset(FakeSource(30), enc, out, 8, 4, log=None)
     assert enc.calls == 4  # shards 2 and 3 only
-    for k in (0, 1):
-        assert os.stat(os.path.join(out, shard_name(k))).st_mtime_ns == 10**18
+    for path in stamped:
+        assert os.stat(path).st_mtime_ns == 10**18
     assert manifest["complete"]
     src = LatentSource(out)
     mean, _ = expected_latents(np.arange(30))
     np.testing.assert_allclose(src.get(np.arange(30))["image"],
                                manifest["scale_factor"] * mean, rtol=1e-6)
     assert not any(f.endswith(".tmp") for f in os.listdir(out))
+    assert read_manifest(out) == manifest
     # A third run finds it complete and encodes nothing.
     enc = CountingEncoder()
     encode_dataset(FakeSource(30), enc, out, 8, 4, log=None)
@@ -128,7 +138,7 @@ def test_scale_factor_estimate_and_float16_storage(tmp_path):
     mean, logvar = expected_latents(np.arange(20))
     var = mean.astype(np.float64).var() + np.exp(logvar).mean()
     assert manifest["scale_factor"] == pytest.approx(1 / np.sqrt(var), rel=1e-3)
-    assert _shard_arrays(os.path.join(tmp_path, shard_name(0)))["mean"].dtype == np.float16
+    assert load_shard(str(tmp_path), 0, manifest)["mean"].dtype == np.float16
     got = LatentSource(str(tmp_path)).get(np.arange(20))["image"]
     np.testing.assert_allclose(got, manifest["scale_factor"] * mean, rtol=2e-3, atol=1e-3)
 
@@ -140,6 +150,85 @@ def test_bad_arguments(tmp_path):
         encode_dataset(FakeSource(5), fake_encode, str(tmp_path), 0, 4, log=None)
     with pytest.raises(FileNotFoundError, match="not a latent dataset"):
         LatentSource(str(tmp_path))
+
+
+@pytest.fixture
+def small_dataset(tmp_path):
+    out = str(tmp_path / "lat")
+    manifest = encode_dataset(FakeSource(12), fake_encode, out, shard_size=8, batch_size=4,
+                              scale_factor=1.0, log=None, info={"vae": "/runs/vae",
+                                                                "source": "fake"})
+    return out, manifest
+
+
+def test_truncated_shard_is_a_clear_error(small_dataset):
+    out, _ = small_dataset
+    path = os.path.join(out, shard_dir(1), "mean.npy")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 5)  # a copy or write cut short
+    with pytest.raises(ValueError, match=rf"{re.escape(path)} is truncated or corrupt.*"
+                                         rf"delete {re.escape(os.path.join(out, shard_dir(1)))}"):
+        LatentSource(out)
+
+
+def test_corrupt_header_wrong_rows_and_missing_file_are_clear_errors(small_dataset):
+    out, manifest = small_dataset
+    folder = os.path.join(out, shard_dir(0))
+    label = os.path.join(folder, "label.npy")
+    good = open(label, "rb").read()
+    with open(label, "wb") as f:
+        f.write(b"not an npy file" + good[15:])
+    with pytest.raises(ValueError, match="label.npy is truncated or corrupt"):
+        LatentSource(out)
+    # A well-formed file of the wrong length (e.g. shard 1's copied over shard 0's).
+    np.save(label, np.zeros(4, np.int32))
+    with pytest.raises(ValueError, match=r"label.npy holds int32 \(4,\), the manifest says "
+                                         r"int32 \(8,\)"):
+        LatentSource(out)
+    np.save(label, np.zeros(8, np.int64))  # right length, wrong dtype
+    with pytest.raises(ValueError, match="label.npy holds int64"):
+        LatentSource(out)
+    with open(label, "wb") as f:
+        f.write(good)
+    np.save(os.path.join(folder, "index.npy"), np.arange(1, 9))
+    with pytest.raises(ValueError, match=r"index.npy does not hold the examples \[0, 8\)"):
+        LatentSource(out)
+    os.remove(os.path.join(folder, "index.npy"))
+    with pytest.raises(FileNotFoundError, match="index.npy is missing"):
+        LatentSource(out)
+    assert load_shard(out, 1, manifest)["mean"].shape == (4, 2, 2, 1)  # the other is fine
+
+
+def test_old_npz_format_names_the_command_that_re_encodes(tmp_path):
+    manifest = {"format_version": 1, "num_examples": 30, "shard_size": 8, "num_shards": 4,
+                "image_shape": [32, 32, 1], "num_classes": 10, "dtype": "float16",
+                "complete": True, "latent_shape": [4, 4, 4], "scale_factor": 0.5,
+                "info": {"vae": "/runs/vae", "source": "fashion_mnist_idx", "split": "train"}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "latents-00000.npz").write_bytes(b"PK")
+    with pytest.raises(ValueError) as e:
+        LatentSource(str(tmp_path))
+    msg = str(e.value)
+    assert "format_version 1 (.npz shards)" in msg
+    assert (f"python -m diffusion.autoencoder.encode --vae=/runs/vae "
+            f"--source=fashion_mnist_idx --split=train --image_size=32 --shard_size=8 "
+            f"--dtype=float16 --out={tmp_path}_v2") in msg
+    # The encoder will not write new shards into it either.
+    with pytest.raises(ValueError, match="different latent dataset.*format_version"):
+        encode_dataset(FakeSource(30), fake_encode, str(tmp_path), 8, 4, dtype="float16",
+                       log=None)
+
+
+def test_cli_flags_are_checked_before_any_work(tmp_path):
+    out = str(tmp_path / "lat")
+    with pytest.raises(app.UsageError, match="vae"):
+        main(["encode", "--source=synthetic:8x8x3:4", f"--out={out}"])
+    with pytest.raises(app.UsageError, match="dtype"):
+        main(["encode", "--vae=x", "--source=synthetic", f"--out={out}", "--dtype=float64"])
+    with pytest.raises(app.UsageError, match="shard_sze"):
+        main(["encode", "--vae=x", "--source=synthetic", f"--out={out}", "--shard_sze=3"])
+    assert not os.path.exists(out)
 
 
 def _write_diffusers_vae(folder, module, seed):
@@ -182,9 +271,10 @@ def test_cli_encodes_a_source_with_a_vae_folder(tmp_path, capsys):
     module = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
     _write_diffusers_vae(str(tmp_path / "vae"), module, seed=0)
     out = str(tmp_path / "lat")
-    main(["--vae", str(tmp_path / "vae"), "--source", "synthetic:8x8x3:10", "--out", out,
-          "--shard_size", "6", "--batch_size", "4"])
+    summary = main(["encode", "--vae", str(tmp_path / "vae"), "--source", "synthetic:8x8x3:10",
+                    "--out", out, "--shard_size=6", "--batch_size=4"])
     assert '"scale_factor": 0.25' in capsys.readouterr().out
+    assert summary == {"num_examples": 10, "latent_shape": [4, 4, 4], "scale_factor": 0.25}
     src = LatentSource(out)
     assert len(src) == 10 and src.image_shape == (4, 4, 4) and src.scale_factor == 0.25
     # The stored latents are the VAE's posterior means, scaled.

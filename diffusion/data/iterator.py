@@ -37,7 +37,7 @@ import numpy as np
 
 from diffusion.data.resize import as_size
 from diffusion.data.sources import ArraySource, Source
-from diffusion.latents import LatentSource
+from diffusion.data.latents import LatentSource
 
 # Fewer examples than this per chunk cost more in thread hand-off than they save.
 _MIN_CHUNK = 16

@@ -11,9 +11,9 @@ Names:
                            options num_examples=, num_classes=
   tfds:<name>              a tensorflow-datasets dataset prepared in array_record format,
                            e.g. tfds:cifar10, tfds:mnist, tfds:celeb_a
-  latents:<dir>            VAE latents written by `python -m diffusion.latents` (a
-                           diffusion.latents.LatentSource: float32 scaled latents; one
-                           split per directory, so `split` and `data_dir` are unused)
+  latents:<dir>            VAE latents written by `python -m diffusion.autoencoder.encode`
+                           (a diffusion.data.latents.LatentSource: float32 scaled latents;
+                           one split per directory, so `split` and `data_dir` are unused)
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import re
 from typing import Any
 
 from diffusion.data.captioned import fashion_mnist_captions_source
+from diffusion.data.latents import LatentSource
 from diffusion.data.sources import Source, fashion_mnist_source, idx_source, synthetic_source
 
 KNOWN_SOURCES = ("fashion_mnist_idx", "fashion_mnist_captions", "idx",
@@ -58,6 +59,5 @@ def make_source(name: str, split: str = "train", data_dir: str | None = None,
         from diffusion.data.tfds_source import TfdsSource  # tfds imports take ~0.5 s
         return TfdsSource(name[len("tfds:"):], split, data_dir, **options)
     if name.startswith("latents:") and len(name) > len("latents:"):
-        from diffusion.latents import LatentSource
         return LatentSource(name[len("latents:"):], **options)
     raise ValueError(f"unknown data source {name!r}; known: {', '.join(KNOWN_SOURCES)}")
