@@ -9,7 +9,7 @@ What it should reach (an estimate, not yet measured on a GPU): PSNR on the train
 batches above ~27 dB and SSIM above ~0.9 (logged as `psnr`, `ssim`); reconstructions in
 <workdir>/samples keep the garments' outlines and stripes. The workdir is the VAE of
 configs/ldm_fashion_mnist.py. Reconstruction FID on the test split afterwards:
-    python -m diffusion.vae_eval --workdir runs/vae_fashion_mnist
+    python -m diffusion.autoencoder.evaluate --workdir runs/vae_fashion_mnist
 Tiny mode for tests: configs/vae_fashion_mnist.py:runlocal
 """
 from configs.base import get_base_config, is_tiny, make_tiny

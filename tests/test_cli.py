@@ -14,6 +14,7 @@ from diffusion import cli
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOOLS = ["diffusion.evaluation.fid", "diffusion.evaluation.train_classifier",
          "diffusion.evaluation.convert_inception", "diffusion.data.prepare",
+         "diffusion.autoencoder.encode", "diffusion.autoencoder.evaluate",
          "experiments.throughput.run", "experiments.throughput.compile_time",
          "experiments.cpu_devices.run", "experiments.input_pipeline.run",
          "experiments.sampler_benchmark.run", "experiments.sampler_benchmark.fid_table"]

@@ -12,15 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl import app
 from PIL import Image
 
 from configs import ldm_fashion_mnist, vae_fashion_mnist
 from diffusion import parallel
+from diffusion.autoencoder.decode import reconstruct
+from diffusion.autoencoder.encode import encode_dataset
 from diffusion.data import BatchIterator, make_source
-from diffusion.latents import LatentSource, encode_dataset
+from diffusion.data.latents import LatentSource
+from diffusion.objectives.vae import fixed_images
 from diffusion.train import loop, sample_from_workdir
 from diffusion.train.setup import build_run
-from diffusion.train.vae_objective import fixed_images, reconstruct
 
 
 def _jsonl(path):
@@ -128,12 +131,12 @@ def test_latent_vae_settings_need_a_latent_source(tmp_path, vae_run):
 
 
 def test_latent_diffusion_trains_and_decodes_samples(vae_run, tmp_path):
-    from diffusion.latents import main as latents_main
+    from diffusion.autoencoder.encode import main as encode_main
     _, vae_workdir, _ = vae_run
     latent_dir = str(tmp_path / "latents")
     # The VAE was trained on synthetic 32x32x3 images resized to 8x8: encode those.
-    latents_main(["--vae", vae_workdir, "--source", "synthetic:32x32x3:48", "--image_size",
-                  "8", "--out", latent_dir, "--shard_size", "32", "--batch_size", "8"])
+    encode_main(["encode", "--vae", vae_workdir, "--source", "synthetic:32x32x3:48",
+                 "--image_size=8", "--out", latent_dir, "--shard_size=32", "--batch_size=8"])
     source = LatentSource(latent_dir)
     assert source.image_shape == (4, 4, 4) and source.scale_factor > 0
 
@@ -159,19 +162,26 @@ def test_latent_diffusion_trains_and_decodes_samples(vae_run, tmp_path):
 
 def test_reconstruction_metrics_cli_and_rfid(vae_run, capsys):
     from diffusion.evaluation import FeatureNetwork
-    from diffusion.train.latent_decoding import load_vae_workdir
-    from diffusion.vae_eval import evaluate_reconstructions, main
+    from diffusion.autoencoder.evaluate import evaluate_reconstructions, main
+    from diffusion.pretrained import load_vae
     _, workdir, _ = vae_run
-    main(["--workdir", workdir, "--num_examples", "6", "--batch_size", "4", "--no_fid"])
+    returned = main(["evaluate", "--workdir", workdir, "--num_examples=6", "--batch_size=4",
+                     "--no_fid"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out == returned
     assert out["num_examples"] == 6 and np.isfinite(out["psnr"]) and -1 < out["ssim"] < 1
+    with pytest.raises(app.UsageError, match="workdir"):
+        main(["evaluate", "--no_fid"])
+    with pytest.raises(app.UsageError, match="num_examples"):
+        main(["evaluate", f"--workdir={workdir}", "--num_examples=0"])
 
     # rFID with a stand-in feature network (channel means and stds: 6-d features).
     def stats(v, x):
         f = jnp.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2))], axis=1)
         return {"pool": f, "logits": f}
     features = FeatureNetwork("moments", stats, {})
-    vae, params = load_vae_workdir(workdir, jax.devices()[:1])
+    vae, params, scale = load_vae(workdir, devices=jax.devices()[:1])
+    assert scale is None  # a VAE trained here has no scale of its own
     x = make_source("synthetic", "test").get(np.arange(8), (8, 8))["image"] / 127.5 - 1
     batches = [x[:4].astype(np.float32), x[4:].astype(np.float32)]
     metrics = evaluate_reconstructions(vae, params, batches, features)

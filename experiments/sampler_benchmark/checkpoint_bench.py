@@ -54,7 +54,8 @@ def run_and_report(args, specs, nfes, out: str, command: str) -> None:
     except ImportError as e:
         raise NotImplementedError(f"the checkpoint benchmark needs diffusion.evaluation and "
                                   f"diffusion.train.evaluator ({e})") from e
-    from diffusion.train import latent_decoding, sampling
+    from diffusion.autoencoder.sample_decoding import decoding_sample_fn
+    from diffusion.train import sampling
     from diffusion.train.setup import build_run
 
     config = load_config(args.checkpoint, args.config)
@@ -81,7 +82,7 @@ def run_and_report(args, specs, nfes, out: str, command: str) -> None:
             lambda params: run.objective.denoiser(run, params), image_shape=run.image_shape,
             num_classes=run.num_classes, sampler=spec.name, num_steps=steps, batch_size=bs,
             mesh=run.mesh, options=options)
-        fn = latent_decoding.decoding_sample_fn(run, fn)  # latent runs: decode with the VAE
+        fn = decoding_sample_fn(run, fn)  # latent runs: decode with the VAE
         # One warm-up batch compiles; the timed pass then measures sampling alone.
         jax.block_until_ready(fn(state.ema_params, key, np.int32(0), np.float32(args.guidance)))
         t0 = time.perf_counter()
