@@ -7,6 +7,10 @@ modulated by c = emb(t) + emb(y). A final adaLN layer maps tokens back to patche
 With learn_sigma the output has 2C channels: eps and the variance interpolation v.
 A freshly initialised DiT outputs exactly zero (adaLN-Zero).
 
+context_dim > 0 adds a cross-attention to context tokens [B, L, context_dim] (e.g. a
+text encoder's output) in every block (see DiTBlock); 0, the default, leaves the
+network as the paper's.
+
 Variants ("S/2", "XL/4", ...) follow the paper's table; `DiT.from_variant` builds them.
 
 scan_blocks=True runs the blocks as one `nn.scan` over a stacked copy of the block
@@ -24,6 +28,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion.models.attention import check_context
 from diffusion.models.dit_blocks import (DiTBlock, DiTTimestepEmbed, FinalLayer,
                                          ScanDiTBlock, sincos_pos_embed_2d, xavier)
 from diffusion.models.embeddings import LabelEmbedding
@@ -88,7 +93,8 @@ class DiT(nn.Module):
     num_classes=0 makes it unconditional (y must then be None). With num_classes=K the
     label table has K+1 rows, row K the null class; a negative label or y=None means null.
     attention_impl is passed to jax.nn.dot_product_attention: None/"xla", or "cudnn" for
-    the fused kernel on GPUs (which needs dtype float16/bfloat16).
+    the fused kernel on GPUs (which needs dtype float16/bfloat16). context_dim > 0:
+    every block cross-attends to context [B, L, context_dim], a required input then.
     """
     input_size: int
     patch_size: int
@@ -103,6 +109,7 @@ class DiT(nn.Module):
     scan_blocks: bool = False
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
+    context_dim: int = 0
 
     def __post_init__(self):
         # Checked at construction, long before anything is traced or compiled.
@@ -139,7 +146,7 @@ class DiT(nn.Module):
     def grid_size(self) -> int:
         return self.input_size // self.patch_size
 
-    def _check_inputs(self, x, t, y):
+    def _check_inputs(self, x, t, y, context=None):
         expect = (self.input_size, self.input_size, self.in_channels)
         if x.ndim != 4 or tuple(x.shape[1:]) != expect:
             raise ValueError(f"DiT expects x of shape [B, {expect[0]}, {expect[1]}, "
@@ -153,15 +160,16 @@ class DiT(nn.Module):
                                  "(num_classes=0)")
             if y.shape != (b,):
                 raise ValueError(f"y must have shape [{b}], got {tuple(y.shape)}")
+        check_context(context, self.context_dim, b, "DiT")
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray | None = None,
-                 train: bool = False) -> jnp.ndarray:
+                 train: bool = False, context: jnp.ndarray | None = None) -> jnp.ndarray:
         # `train` is accepted for the shared denoiser signature; DiT has no dropout.
         # Classifier-free-guidance label dropout belongs to the training step.
         del train
         t = jnp.asarray(t)
-        self._check_inputs(x, t, y)
+        self._check_inputs(x, t, y, context)
         b = x.shape[0]
         t = jnp.broadcast_to(t, (b,))
         p, d = self.patch_size, self.hidden_size
@@ -179,18 +187,22 @@ class DiT(nn.Module):
             c = c + LabelEmbedding(self.num_classes, d, dtype=self.dtype, name="y_embed")(y)
 
         block_args = dict(hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                          dtype=self.dtype, attention_impl=self.attention_impl)
+                          dtype=self.dtype, attention_impl=self.attention_impl,
+                          context_dim=self.context_dim)
+        # Without cross-attention the blocks are called as before (no None argument).
+        inputs = (h, c) if context is None else (h, c, context.astype(self.dtype))
         if self.scan_blocks:
             # prevent_cse=False: inside a scan the loop already stops XLA from merging
             # the recomputation into the forward pass, and the barrier would cost speed.
             cls = nn.remat(ScanDiTBlock, prevent_cse=False) if self.remat else ScanDiTBlock
             h, _ = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
                            in_axes=nn.broadcast, length=self.depth)(**block_args,
-                                                                    name=SCANNED)(h, c)
+                                                                    name=SCANNED)(*inputs)
         else:
             cls = nn.remat(DiTBlock) if self.remat else DiTBlock
             for i in range(self.depth):
-                h = cls(**block_args, name=f"block_{i}")(h, c)
+                h = cls(**block_args, name=f"block_{i}")(*inputs)
+                inputs = (h,) + inputs[1:]
 
         h = FinalLayer(d, p, self.out_channels, dtype=self.dtype, name="final")(h, c)
         return unpatchify(h, p, self.grid_size).astype(jnp.float32)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion.models.attention import Attention
 from diffusion.models.embeddings import timestep_embedding
 
 # Every Dense of DiT starts as xavier-uniform with zero bias; the adaLN and output
@@ -77,15 +78,23 @@ class DiTTimestepEmbed(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Pre-norm transformer block with adaLN-Zero: x [B, T, D], c [B, D] -> [B, T, D]."""
+    """Pre-norm transformer block with adaLN-Zero: x [B, T, D], c [B, D] -> [B, T, D].
+
+    With context_dim > 0 a cross-attention to context [B, L, context_dim] (after an
+    affine LayerNorm, not modulated by c) sits between the self-attention and the MLP,
+    as in PixArt-alpha; its output projection starts at zero, so a fresh block is still
+    the identity.
+    """
     hidden_size: int
     num_heads: int
     mlp_ratio: float = 4.0
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
+    context_dim: int = 0
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, c: jnp.ndarray,
+                 context: jnp.ndarray | None = None) -> jnp.ndarray:
         d, heads = self.hidden_size, self.num_heads
         dense = functools.partial(nn.Dense, kernel_init=xavier, dtype=self.dtype)
         mod = nn.Dense(6 * d, kernel_init=zeros, dtype=self.dtype, name="adaLN")(nn.silu(c))
@@ -100,6 +109,11 @@ class DiTBlock(nn.Module):
         h = dense(d, name="proj")(h.reshape(b, t, d))
         x = x + gate_msa[:, None, :] * h
 
+        if self.context_dim:
+            h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm_xattn")(x)
+            x = x + Attention(heads, d // heads, self.dtype, self.attention_impl,
+                              zero_out=True, name="xattn")(h, context)
+
         h = modulate(_layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp)
         h = dense(int(d * self.mlp_ratio), name="fc1")(h)
         h = dense(d, name="fc2")(nn.gelu(h, approximate=True))
@@ -109,8 +123,9 @@ class DiTBlock(nn.Module):
 class ScanDiTBlock(DiTBlock):
     """DiTBlock in nn.scan's form: (x, c) -> (x_next, None); c is broadcast to every block."""
 
-    def __call__(self, x: jnp.ndarray, c: jnp.ndarray) -> tuple[jnp.ndarray, None]:
-        return super().__call__(x, c), None
+    def __call__(self, x: jnp.ndarray, c: jnp.ndarray,
+                 context: jnp.ndarray | None = None) -> tuple[jnp.ndarray, None]:
+        return super().__call__(x, c, context), None
 
 
 class FinalLayer(nn.Module):

@@ -10,15 +10,21 @@ when the feature-map height is in `attn_resolutions`), a 2x downsample between l
 Middle: ResBlock, attention, ResBlock. Decoder: per level `num_res_blocks + 1` ResBlocks
 on the concatenation with the matching encoder activation, a 2x upsample between
 levels. Out: GroupNorm, SiLU, zero-initialised conv_out.
+
+Text conditioning (context_dim > 0): every self-attention block is followed by a
+cross-attention block from the feature map to context tokens [B, L, context_dim]
+(e.g. a text encoder's output), named `<attention>_xattn`. Its output projection
+starts at zero; with context_dim = 0 (the default) the network is unchanged.
 """
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffusion.models.attention import check_context
 from diffusion.models.embeddings import LabelEmbedding, TimestepMLP
-from diffusion.models.unet_blocks import (AttnBlock, Downsample, ResBlock, Upsample,
-                                          conv3x3, group_norm)
+from diffusion.models.unet_blocks import (AttnBlock, CrossAttnBlock, Downsample, ResBlock,
+                                          Upsample, conv3x3, group_norm)
 
 
 class UNet(nn.Module):
@@ -43,6 +49,8 @@ class UNet(nn.Module):
       remat: rematerialise each block in the backward pass (less memory, more compute).
       attn_implementation: passed to jax.nn.dot_product_attention; None = XLA,
         'cudnn' = fused attention on NVIDIA GPUs (bf16/fp16, head_dim % 8 == 0, <= 128).
+      context_dim: width D of the context tokens [B, L, D] that cross-attention blocks
+        (after each self-attention) read; 0 = no cross-attention (and no context input).
       dtype: activation dtype; parameters stay float32 and the output is float32.
     """
     ch: int = 128
@@ -58,10 +66,11 @@ class UNet(nn.Module):
     resblock_updown: bool = False
     remat: bool = False
     attn_implementation: str | None = None
+    context_dim: int = 0
     dtype: jnp.dtype = jnp.float32
 
-    def _check_inputs(self, x: jnp.ndarray, t: jnp.ndarray,
-                      y: jnp.ndarray | None) -> jnp.ndarray:
+    def _check_inputs(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray | None,
+                      context: jnp.ndarray | None = None) -> jnp.ndarray:
         """Raises ValueError on bad shapes (at trace time, before compiling); returns t [B]."""
         if x.ndim != 4:
             raise ValueError(f"UNet expects x of shape [B, H, W, C], got shape {x.shape}")
@@ -85,6 +94,7 @@ class UNet(nn.Module):
                                  "(num_classes=0); pass y=None or set num_classes")
             if jnp.shape(y) != (B,):
                 raise ValueError(f"UNet expects y of shape [B] = ({B},), got {jnp.shape(y)}")
+        check_context(context, self.context_dim, B, "UNet")
         return t
 
     def _heads(self, channels: int) -> int:
@@ -96,14 +106,16 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray | None = None,
-                 train: bool = False) -> jnp.ndarray:
-        t = self._check_inputs(x, t, y)
+                 train: bool = False, context: jnp.ndarray | None = None) -> jnp.ndarray:
+        """context: [B, L, context_dim] tokens, required iff context_dim > 0."""
+        t = self._check_inputs(x, t, y, context)
         B = x.shape[0]
         out_ch = self.out_channels if self.out_channels is not None else x.shape[-1]
 
         # train is a Python bool: static under remat (index 3 counts `self`).
         res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
         attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
+        xattn_cls = nn.remat(CrossAttnBlock) if self.remat else CrossAttnBlock
 
         def res(h, out, name, up=False, down=False):
             block = res_cls(out, dropout=self.dropout, scale_shift_norm=self.scale_shift_norm,
@@ -111,8 +123,14 @@ class UNet(nn.Module):
             return block(h, emb, train)
 
         def attn(h, name):
-            return attn_cls(self._heads(h.shape[-1]), dtype=self.dtype,
-                            implementation=self.attn_implementation, name=name)(h)
+            heads = self._heads(h.shape[-1])
+            h = attn_cls(heads, dtype=self.dtype, implementation=self.attn_implementation,
+                         name=name)(h)
+            if self.context_dim:
+                h = xattn_cls(heads, dtype=self.dtype,
+                              implementation=self.attn_implementation,
+                              name=f"{name}_xattn")(h, context)
+            return h
 
         # Conditioning: DDPM's sinusoid (freq_shift=1) -> MLP, plus ADM's label embedding.
         emb = TimestepMLP(freq_dim=self.ch, hidden=4 * self.ch, freq_shift=1.0,

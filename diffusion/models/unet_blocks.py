@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion.models.attention import Attention
+
 # DDPM's default_init(scale=1): variance_scaling(1, 'fan_avg', 'uniform').
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 zero_init = nn.initializers.zeros
@@ -120,6 +122,26 @@ class AttnBlock(nn.Module):
         h = h.reshape(B, H, W, C)
         h = nn.Dense(C, kernel_init=zero_init, dtype=self.dtype, name="proj_out")(h)
         return x + h
+
+
+class CrossAttnBlock(nn.Module):
+    """Attention of the H*W positions of x [B, H, W, C] (GroupNorm'd) to context
+    tokens [B, L, D], with a residual connection. The output projection starts at
+    zero, so a network gains the block without changing its initial function."""
+    num_heads: int = 1
+    dtype: jnp.dtype = jnp.float32
+    implementation: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, context: jnp.ndarray) -> jnp.ndarray:
+        B, H, W, C = x.shape
+        if C % self.num_heads:
+            raise ValueError(f"cross-attention: {self.num_heads} heads do not divide {C} "
+                             f"channels")
+        h = group_norm(C, self.dtype, "norm")(x).reshape(B, H * W, C)
+        h = Attention(self.num_heads, C // self.num_heads, self.dtype, self.implementation,
+                      zero_out=True, name="attn")(h, context.astype(self.dtype))
+        return x + h.reshape(B, H, W, C)
 
 
 class Downsample(nn.Module):

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from diffusion.models.attention import Attention
 
 Dtype = Any
 
@@ -99,34 +100,6 @@ class Upsample2D(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return conv3x3(x.shape[-1], self.dtype, "conv")(x)
-
-
-class Attention(nn.Module):
-    """Multi-head attention of queries x [B, T, C] to context [B, L, D] (x itself when
-    context is None): q, k, v without bias, output projection with bias.
-
-    The logits and softmax run in float32 whatever the activation dtype
-    (jax.nn.dot_product_attention promotes them), which is what diffusers'
-    `upcast_attention` asks for; `implementation` is passed through ('cudnn' = fused
-    attention on NVIDIA GPUs).
-    """
-    heads: int
-    head_dim: int
-    dtype: Dtype = jnp.float32
-    implementation: str | None = None
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None) -> jnp.ndarray:
-        ctx = x if context is None else context
-        inner = self.heads * self.head_dim
-        dense = lambda n, name, bias=False: nn.Dense(n, use_bias=bias, dtype=self.dtype,  # noqa: E731
-                                                      name=name)
-        b, t, c = x.shape
-        q = dense(inner, "to_q")(x).reshape(b, t, self.heads, self.head_dim)
-        k = dense(inner, "to_k")(ctx).reshape(b, ctx.shape[1], self.heads, self.head_dim)
-        v = dense(inner, "to_v")(ctx).reshape(b, ctx.shape[1], self.heads, self.head_dim)
-        h = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
-        return dense(c, "to_out_0", bias=True)(h.reshape(b, t, inner))
 
 
 class GEGLU(nn.Module):
