@@ -2,7 +2,9 @@
 
 `Denoiser.predict(x_t, t, y, guidance)` returns the model's x0 and eps (and, for a
 learned-variance model, its raw variance output) at continuous time t, whatever the
-network predicts (eps, x0 or v).
+network predicts (eps, x0, v or the flow velocity "flow", u = d_alpha x0 + d_sigma eps).
+`schedule` is the model's Gaussian path (`diffusion.paths`: a discrete VP Schedule, a
+continuous VP, VE or flow path), which the samplers read for every coefficient.
 
 Classifier-free guidance combines the conditional and the unconditional network outputs
 in the network's own parameterisation, pred = pred_u + w (pred_c - pred_u), and converts
@@ -26,7 +28,7 @@ import numpy as np
 
 from diffusion import targets
 from diffusion.forward_process import expand
-from diffusion.schedules import Schedule
+from diffusion.paths import GaussianPath
 
 # (x [B, H, W, C], c_noise [B], y [B] or None) -> network output [B, H, W, C or 2C]
 NetFn = Callable[[jnp.ndarray, jnp.ndarray, Optional[jnp.ndarray]], jnp.ndarray]
@@ -48,7 +50,7 @@ def _static_value(w) -> Optional[float]:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Denoiser:
     net_fn: NetFn
-    schedule: Schedule
+    schedule: GaussianPath  # any path; the name predates paths.py
     pred_type: str = "eps"
     learned_sigma: bool = False
     clip_x0: Optional[float] = None  # clip x0 to [-c, c] (pixel models: 1.0)
@@ -59,6 +61,10 @@ class Denoiser:
         if self.guide_channels is not None and int(self.guide_channels) < 1:
             raise ValueError(f"guide_channels must be a positive channel count or None "
                              f"(all channels), got {self.guide_channels}")
+
+    @property
+    def path(self) -> GaussianPath:
+        return self.schedule
 
     def _split(self, out):
         out = out.astype(jnp.float32)
@@ -116,14 +122,19 @@ class Denoiser:
                 raise ValueError("classifier-free guidance needs class labels y")
             out = self._guided_output(x_t, c_noise, y, guidance)
         pred, v = self._split(out)
-        x0, eps = targets.to_x0_eps(self.pred_type, pred, x_t, alpha, sigma)
+        d_alpha = d_sigma = None
+        if self.pred_type == "flow":
+            d_alpha = expand(self.schedule.d_alpha(t), x_t)
+            d_sigma = expand(self.schedule.d_sigma(t), x_t)
+        x0, eps = targets.to_x0_eps(self.pred_type, pred, x_t, alpha, sigma, d_alpha,
+                                    d_sigma, vp=self.schedule.variance_preserving)
         if self.clip_x0 is not None:
             x0 = jnp.clip(x0, -self.clip_x0, self.clip_x0)
             eps = (x_t - alpha * x0) / sigma
         return Prediction(x0, eps, v)
 
 
-def from_flax(module, variables, schedule: Schedule, *, pred_type: str = "eps",
+def from_flax(module, variables, schedule: GaussianPath, *, pred_type: str = "eps",
               learned_sigma: bool = False, clip_x0: Optional[float] = None,
               guide_channels: Optional[int] = None) -> Denoiser:
     """Denoiser over a Flax module called as module.apply(variables, x, t, y)."""

@@ -10,6 +10,11 @@ which is exactly the discrete index i on the grid (the DDPM / DiT convention).
 
 Quantities, all shaped like t: alpha_bar, alpha = sqrt(alpha_bar),
 sigma = sqrt(1 - alpha_bar), logsnr = log(alpha^2 / sigma^2).
+
+A Schedule is a `paths.GaussianPath` (variance preserving): its jnp methods are the
+table interpolation above, its `host` view the same interpolation in float64 (the
+samplers' grids), and d_alpha / d_sigma are the derivatives of that piecewise-linear
+log alpha_bar (constant on each grid interval; the right-hand one at grid points).
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from typing import Callable
 
 import jax.numpy as jnp
 import numpy as np
+
+from diffusion.paths import GaussianPath
 
 # Smallest alpha_bar used inside logarithms (the samplers' host-side grids use the same).
 # A cosine table ends at 2.5e-9, above it; zero-terminal-SNR tables are floored higher, at
@@ -84,10 +91,11 @@ def rescale_zero_terminal_snr(alpha_bar: np.ndarray) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Schedule:
+class Schedule(GaussianPath):
     """A noise schedule. Hashable by identity, so it can be a static jit argument."""
     name: str
     alpha_bar_table: np.ndarray  # [T] float64, decreasing
+    variance_preserving = True
 
     @property
     def T(self) -> int:
@@ -141,6 +149,60 @@ class Schedule:
     def t_from_ve_sigma(self, sigma_ve: jnp.ndarray) -> jnp.ndarray:
         """Time at which the VE noise level sigma / alpha equals sigma_ve."""
         return self.t_from_logsnr(-2.0 * jnp.log(sigma_ve))
+
+    # ---- the GaussianPath interface (host float64 and derivatives) -----------------
+    def _host_grid(self):
+        t = np.arange(self.T + 1, dtype=np.float64) / self.T
+        ab = np.concatenate([[1.0], np.asarray(self.alpha_bar_table, np.float64)])
+        return t, np.log(np.maximum(ab, MIN_ALPHA_BAR))
+
+    def _log_ab(self, t, xp):
+        if xp is jnp:
+            return self.log_alpha_bar(t)
+        grid_t, grid_log_ab = self._host_grid()
+        return np.interp(np.asarray(t, np.float64), grid_t, grid_log_ab)
+
+    def _alpha(self, t, xp):
+        return xp.exp(0.5 * self._log_ab(t, xp))
+
+    def _sigma(self, t, xp):
+        return xp.sqrt(-xp.expm1(self._log_ab(t, xp)))
+
+    def _logsnr(self, t, xp):
+        if xp is jnp:
+            return self.logsnr(t)
+        log_ab = self._log_ab(t, xp)
+        with np.errstate(divide="ignore"):
+            return log_ab - np.log(-np.expm1(log_ab))
+
+    def _t_from_logsnr(self, logsnr, xp):
+        if xp is jnp:
+            return self.t_from_logsnr(logsnr)
+        grid_t, grid_log_ab = self._host_grid()
+        log_ab = -np.logaddexp(0.0, -np.asarray(logsnr, np.float64))  # log sigmoid
+        return np.interp(log_ab, grid_log_ab[::-1], grid_t[::-1])
+
+    def _d_log_ab(self, t, xp):
+        """Slope of the piecewise-linear log alpha_bar on t's grid interval."""
+        _, grid = self._host_grid()
+        slopes = xp.asarray((grid[1:] - grid[:-1]) * self.T, t.dtype)
+        i = xp.clip(xp.floor(t * self.T).astype(xp.int32), 0, self.T - 1)
+        return slopes[i]
+
+    def _d_alpha(self, t, xp):
+        return 0.5 * self._alpha(t, xp) * self._d_log_ab(t, xp)
+
+    def _d_sigma(self, t, xp):
+        # d sqrt(1 - ab) / dt = -ab (d log ab / dt) / (2 sigma)
+        return -0.5 * xp.exp(self._log_ab(t, xp)) * self._d_log_ab(t, xp) / self._sigma(t, xp)
+
+    def sigma2(self, t: jnp.ndarray) -> jnp.ndarray:
+        return -jnp.expm1(self.log_alpha_bar(t))
+
+    def transition(self, s, t):
+        """(a, var) of x_t | x_s: ab_t / ab_s from the table, as DDPM computes it."""
+        log_r = self.log_alpha_bar(t) - self.log_alpha_bar(s)
+        return jnp.exp(0.5 * log_r), -jnp.expm1(log_r)
 
     @property
     def logsnr_range(self) -> tuple[float, float]:

@@ -102,10 +102,11 @@ def test_target_conversions_round_trip(src, dst):
     key = jax.random.key(2)
     x0, eps = jax.random.normal(key, (2, 4, 4, 3)), jax.random.normal(jax.random.key(3), (2, 4, 4, 3))
     alpha, sigma = 0.6, 0.8
+    d = dict(d_alpha=-0.8, d_sigma=0.6)  # a VP path (cos, sin) at this point, unit speed
     x_t = alpha * x0 + sigma * eps
-    pred = targets.target(src, x0, eps, alpha, sigma)
-    np.testing.assert_allclose(targets.convert(pred, src, dst, x_t, alpha, sigma),
-                               targets.target(dst, x0, eps, alpha, sigma), atol=1e-5)
+    pred = targets.target(src, x0, eps, alpha, sigma, **d)
+    np.testing.assert_allclose(targets.convert(pred, src, dst, x_t, alpha, sigma, **d),
+                               targets.target(dst, x0, eps, alpha, sigma, **d), atol=1e-5)
 
 
 def test_loss_weightings():

@@ -318,6 +318,8 @@ NFE_CASES = [
     ("plms", {}), ("pndm", {"warmup": "prk"}), ("plms", {"warmup": "lower_order"}),
     ("plms", {"set_alpha_to_one": False, "strength": 0.5}),
     ("consistency", {}), ("consistency", {"strength": 0.5}),
+    ("flow_euler", {}), ("flow_euler", {"shift": 3.0, "strength": 0.8}),
+    ("flow_midpoint", {}),
 ]
 
 

@@ -17,7 +17,13 @@ call, counted once. With the default options:
   heun                            2 N - 1 (last step Euler)      (karras)
   plms                            N + 1 (pseudo_euler warm-up; prk: N + 9; see plms)
   consistency                     1 a step                      (consistency)
+  flow_euler                      1 a step (Euler in t, shift)   (flow)
+  flow_midpoint                   2 a step (midpoint in t)       (flow)
 DPM-Solver variants take one more with denoise_to_zero=True.
+
+Every sampler runs on any Gaussian path (`diffusion.paths`: VP tables and continuous VP,
+VE, rectified flow), read from `denoiser.schedule`; see each module for where a path
+moves its grid (logSNR grids span the path's [t_min, t_max]).
 
 Which options reproduce which diffusers scheduler: README.md next to this file.
 """
@@ -28,7 +34,7 @@ import functools
 import inspect
 from typing import Callable
 
-from diffusion.samplers import consistency, ddim, ddpm, dpm_solver, karras, plms
+from diffusion.samplers import consistency, ddim, ddpm, dpm_solver, flow, karras, plms
 from diffusion.schedules import make_schedule
 
 SAMPLERS: dict[str, Callable] = {
@@ -45,6 +51,8 @@ SAMPLERS: dict[str, Callable] = {
     "euler_a": karras.sample_euler_ancestral,
     "plms": plms.sample,
     "consistency": consistency.sample,
+    "flow_euler": flow.sample_euler,
+    "flow_midpoint": flow.sample_midpoint,
 }
 ALIASES: dict[str, str] = {
     "ancestral": "ddpm",
@@ -57,6 +65,8 @@ ALIASES: dict[str, str] = {
     "euler_ancestral": "euler_a",
     "edm": "heun",
     "pndm": "plms",
+    "rf_euler": "flow_euler",
+    "midpoint": "flow_midpoint",
 }
 # name -> fn(schedule, num_steps, **options) -> the compiled plan (plan.Tables) that the
 # sampler runs with those options; its num_evals is the NFE.
@@ -73,6 +83,8 @@ PLANS: dict[str, Callable] = {
                                                                     ancestral_eta=eta, **o),
     "plms": plms.plan_plms,
     "consistency": consistency.plan_consistency,
+    "flow_euler": functools.partial(flow.plan_flow, method="euler"),
+    "flow_midpoint": functools.partial(flow.plan_flow, method="midpoint"),
 }
 # Samplers with their own loop: fn(schedule, num_steps, **options) -> NFE.
 _NUM_EVALS: dict[str, Callable[..., int]] = {"ddpm": ddpm.num_evals, "ddim": ddim.num_evals}

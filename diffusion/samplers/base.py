@@ -242,11 +242,20 @@ def img2img_start(schedule, x_init: jnp.ndarray, t_start: float, keys: jax.Array
 
 def start_from(schedule, keys: jax.Array, shape: tuple, inputs: SampleInputs,
                t_start) -> jnp.ndarray:
-    """The state at t_start for these inputs: x_init noised for image-to-image, else x_T
-    (inpainting at strength 1 starts from noise as plain sampling does)."""
+    """The state at t_start for these inputs: x_init noised for image-to-image, else
+    start_std(t_start) x_T (x_T itself on a VP path; `paths.GaussianPath.start_std`;
+    inpainting at strength 1 starts from noise as plain sampling does)."""
     if inputs.img2img:
         return img2img_start(schedule, inputs.x_init, t_start, keys, shape)
-    return initial_noise(keys, shape, inputs.x_T)
+    return scaled_noise(schedule, initial_noise(keys, shape, inputs.x_T), t_start)
+
+
+def scaled_noise(schedule, x_T: jnp.ndarray, t_start) -> jnp.ndarray:
+    """x_T ~ N(0, I) -> the start state start_std(t_start) x_T of a sampler at t_start
+    (unchanged on variance-preserving paths)."""
+    if getattr(schedule, "variance_preserving", True):
+        return x_T
+    return jnp.asarray(schedule.start_std(t_start), jnp.float32) * x_T
 
 
 def start_state(schedule, keys: jax.Array, shape: tuple, x_T=None, x_init=None,
@@ -255,15 +264,14 @@ def start_state(schedule, keys: jax.Array, shape: tuple, x_T=None, x_init=None,
     image-to-image x_init noised to t_start."""
     if x_init is not None:
         return img2img_start(schedule, x_init, t_start, keys, shape)
-    return initial_noise(keys, shape, x_T)
+    return scaled_noise(schedule, initial_noise(keys, shape, x_T), t_start)
 
 
 def renoise(schedule, x_s: jnp.ndarray, s, t, keys: jax.Array, k) -> jnp.ndarray:
     """RePaint's jump back: x_t ~ q(x_t | x_s) for s < t, noise salt RENOISE_SALT + k."""
-    log_r = (schedule.log_alpha_bar(jnp.reshape(t, (1,)))
-             - schedule.log_alpha_bar(jnp.reshape(s, (1,))))[0]
+    a, var = schedule.transition(jnp.reshape(s, (1,)), jnp.reshape(t, (1,)))
     z = per_sample_normal(keys, tuple(x_s.shape[1:]), jnp.uint32(RENOISE_SALT) + k)
-    return jnp.exp(0.5 * log_r) * x_s + jnp.sqrt(-jnp.expm1(log_r)) * z
+    return a[0] * x_s + jnp.sqrt(var[0]) * z
 
 
 def run_steps(update: Callable, x: jnp.ndarray, t_all, s_all, *, resample: int = 0,

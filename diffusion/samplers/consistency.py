@@ -70,7 +70,7 @@ def plan_consistency(schedule, num_steps: int, *, sigmas=None, sigma_min: float 
             raise ValueError(f"strength {strength} is below the lowest noise level")
         mid = mid[mid < s_max]
     t_of = lambda s: float(grids.t_from_ve_sigma(schedule, s))
-    a_of = lambda s: 1.0 / math.sqrt(1.0 + s * s)
+    a_of = lambda s: float(grids.alpha_from_ve_sigma(schedule, s))
     plan = Plan(t_start=t_of(s_max))
     x0 = plan.evaluate(plan.start, t_of(s_max)).x0
     for s in mid:

@@ -1,6 +1,10 @@
-"""DDIM (Song et al. 2021): x_s = alpha_s x0 + sqrt(1 - ab_s - sig^2) eps + sig z,
-sig = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s). eta = 0 is the
-deterministic probability-flow sampler; eta = 1 matches DDPM's small variance.
+"""DDIM (Song et al. 2021): x_s = alpha_s x0 + sqrt(sigma_s^2 - sig^2) eps + sig z,
+sig^2 = eta^2 sigma_s^2 / sigma_t^2 beta_{t|s} (on a VP table beta_{t|s} = 1 - ab_t / ab_s;
+on any path, `paths.GaussianPath.transition`). eta = 0 is the deterministic
+probability-flow sampler, which is Euler's method on the ODE in the path's natural
+variables x / alpha and sigma / alpha, on every path; eta = 1 matches DDPM's small
+variance. On a path with alpha(1) = 0 (flow) it starts at t = 1 too: it never divides
+by alpha.
 
 Grid (`base.step_times`): `spacing`, and diffusers' DDIMScheduler conventions as
 options: `steps_offset` (leading spacing), `set_alpha_to_one=False` (the last step ends
@@ -42,13 +46,12 @@ def sample(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, 
         pred = denoiser.predict(x, tb, y, guidance)
         report(callback, k, t, x, pred.x0)
         x_t, x0 = x, pred.x0
-        log_ab_t, log_ab_s = sched.log_alpha_bar(tb), sched.log_alpha_bar(sb)
-        # 1 - ab as -expm1(log ab): 1 - exp(.) in float32 loses 1.7e-4 (relative) at the
-        # first trained step of a linear schedule, where ab = 1 - 1e-4.
-        one_minus_ab_s = -jnp.expm1(log_ab_s)
-        var = (eta ** 2) * one_minus_ab_s / -jnp.expm1(log_ab_t) * -jnp.expm1(log_ab_t - log_ab_s)
-        dir_coef = jnp.sqrt(jnp.maximum(one_minus_ab_s - var, 0.0))
-        x = expand(jnp.exp(0.5 * log_ab_s), x) * pred.x0 + expand(dir_coef, x) * pred.eps
+        # A VP table's sigma2 is -expm1(log ab): 1 - exp(.) in float32 loses 1.7e-4
+        # (relative) at the first trained step of a linear schedule, ab = 1 - 1e-4.
+        sigma2_s = sched.sigma2(sb)
+        var = (eta ** 2) * sigma2_s / sched.sigma2(tb) * sched.transition(sb, tb)[1]
+        dir_coef = jnp.sqrt(jnp.maximum(sigma2_s - var, 0.0))
+        x = expand(sched.alpha(sb), x) * pred.x0 + expand(dir_coef, x) * pred.eps
         if eta > 0:
             noise = per_sample_normal(keys, tuple(shape[1:]), k + 1)
             x = x + expand(jnp.sqrt(var), x) * noise

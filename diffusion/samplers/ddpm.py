@@ -1,5 +1,10 @@
 """DDPM ancestral sampling (Ho et al. 2020), on any subset of the training steps.
 
+It runs on every Gaussian path (`diffusion.paths`): the forward process of any path
+whose SNR decreases is Markov, x_t | x_s = N(a x_s, beta_{t|s} I) (the path's
+`transition`), so the posterior q(x_s | x_t, x0) exists on VP, VE and flow paths alike
+(on the flow path from t = 1, where alpha = 0, too). "learned" needs a VP table.
+
 Each step draws x_s ~ N(mean, var) with the posterior mean of q(x_s | x_t, x0_hat) and
 var = the posterior variance ("small", DDPM's fixed small), beta_{t|s} = 1 - ab_t / ab_s
 ("large", fixed large, with the first step's clipped), or the model's learned
@@ -52,7 +57,7 @@ def sample(denoiser: Denoiser, key: jax.Array, shape: tuple, num_steps: int, *, 
             log_var = interpolated_log_variance(sched, pred.var_out, sb, tb)
         else:
             if variance == "large":
-                beta = -jnp.expm1(sched.log_alpha_bar(tb) - sched.log_alpha_bar(sb))
+                beta = sched.transition(sb, tb)[1]
                 # DDPM's fixed-large variance replaces the last step's beta by the
                 # clipped posterior variance, as the first posterior variance is 0.
                 last = sb <= 0.0

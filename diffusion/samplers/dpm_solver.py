@@ -9,7 +9,8 @@ its linear part is exact: from s to t, h = lam_t - lam_s,
 and the integrals are approximated from Taylor expansions of eps or x0 in lam.
 
 Grid (`skip_type`): num_steps + 1 times from t_T = 1 to t_0 = 1/T (the schedule's first
-trained step), uniform in lam ("logSNR", default), in t ("time_uniform") or in sqrt(t)
+trained step; on any Gaussian path from its t_max to its t_min, where lam is finite:
+1 - 1/T and 1/T on the flow path), uniform in lam ("logSNR", default), in t ("time_uniform") or in sqrt(t)
 ("time_quadratic"). The result is x at t_0 (the papers' default; its noise level is
 sigma(1/T), 0.01 for DDPM's linear schedule), or with `denoise_to_zero` the model's x0
 there, at one more evaluation. t_T = 1 is the last trained step: lam = -8.3 for a
@@ -76,13 +77,13 @@ def _times(schedule, num_steps, skip_type, strength, *, final_step="sigma_min",
         raise ValueError(f"steps_offset={steps_offset} applies to skip_type='leading' only")
     if (sigma_min is not None or sigma_max is not None) and skip_type != "karras":
         raise ValueError("sigma_min / sigma_max apply to skip_type='karras' only")
-    final = 0.0 if final_step == "zero" else 1.0 / schedule.T
+    final = 0.0 if final_step == "zero" else schedule.t_min
     if skip_type in grids.SKIP_TYPES:
         t = grids.dpm_solver_times(schedule, num_steps, skip_type)
         t[-1] = final
     elif skip_type in grids.DPM_SPACINGS:
         idx = grids.dpm_discrete_indices(schedule.T, num_steps, skip_type, steps_offset)
-        t = np.concatenate([(idx + 1.0) / schedule.T, [final]])
+        t = np.concatenate([grids.clip_to_path(schedule, (idx + 1.0) / schedule.T), [final]])
     elif skip_type == "karras":
         sig = grids.ve_sigmas(schedule, num_steps, "karras", sigma_min=sigma_min,
                               sigma_max=sigma_max, rho=rho)[:-1]

@@ -1,8 +1,10 @@
-"""Host-side (numpy float64) schedule quantities and the time grids samplers step along.
+"""Host-side (numpy float64) path quantities and the time grids samplers step along.
 
 Solver coefficients are fixed numbers once the grid is chosen, so they are computed here
-in float64 from the schedule's table (the same piecewise-linear log alpha_bar as
-`Schedule`'s continuous view) and enter the compiled loop as constants.
+in float64 from the model's Gaussian path (`paths.GaussianPath.host`: for a VP table the
+same piecewise-linear log alpha_bar as `Schedule`'s continuous view; for continuous VP,
+VE and flow paths their closed forms) and enter the compiled loop as constants. Default
+grids span the path's [t_min, t_max] (1/T and 1 for a table).
 
 Names: lam = logsnr / 2 = log(alpha / sigma) (DPM-Solver's lambda), sigma_ve = sigma /
 alpha = exp(-lam) (the variance-exploding noise level of Karras et al.).
@@ -12,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 
 from diffusion.samplers.base import timesteps
-from diffusion.schedules import MIN_ALPHA_BAR
 
 SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic")
 SIGMA_SCHEDULES = ("karras", "timesteps")
@@ -20,50 +21,48 @@ SIGMA_SCHEDULES = ("karras", "timesteps")
 SIGMA_MAX = 80.0
 
 
-def _grid(schedule):
-    t = np.arange(schedule.T + 1, dtype=np.float64) / schedule.T
-    ab = np.concatenate([[1.0], np.asarray(schedule.alpha_bar_table, np.float64)])
-    return t, np.log(np.maximum(ab, MIN_ALPHA_BAR))  # as `Schedule`
-
-
-def log_alpha_bar(schedule, t) -> np.ndarray:
-    grid_t, grid_log_ab = _grid(schedule)
-    return np.interp(np.asarray(t, np.float64), grid_t, grid_log_ab)
-
-
 def alpha(schedule, t) -> np.ndarray:
-    return np.exp(0.5 * log_alpha_bar(schedule, t))
+    return schedule.host.alpha(t)
 
 
 def sigma(schedule, t) -> np.ndarray:
-    return np.sqrt(-np.expm1(log_alpha_bar(schedule, t)))
+    return schedule.host.sigma(t)
 
 
 def lam(schedule, t) -> np.ndarray:
     """Half log-SNR log(alpha / sigma); +inf at t = 0."""
-    log_ab = log_alpha_bar(schedule, t)
-    with np.errstate(divide="ignore"):
-        return 0.5 * (log_ab - np.log(-np.expm1(log_ab)))
+    return schedule.host.lam(t)
 
 
 def t_from_lam(schedule, lam_) -> np.ndarray:
-    """Inverse of lam(t), exact for the piecewise-linear log alpha_bar."""
-    grid_t, grid_log_ab = _grid(schedule)
-    log_ab = -np.logaddexp(0.0, -2.0 * np.asarray(lam_, np.float64))  # log sigmoid(2 lam)
-    return np.interp(log_ab, grid_log_ab[::-1], grid_t[::-1])
+    """Inverse of lam(t) (exact for a table's piecewise-linear log alpha_bar)."""
+    return schedule.host.t_from_lam(lam_)
 
 
 def ve_sigma(schedule, t) -> np.ndarray:
-    return np.exp(-lam(schedule, t))
+    return schedule.host.ve_sigma(t)
 
 
 def t_from_ve_sigma(schedule, sigma_ve) -> np.ndarray:
-    return t_from_lam(schedule, -np.log(np.asarray(sigma_ve, np.float64)))
+    return schedule.host.t_from_ve_sigma(sigma_ve)
+
+
+def alpha_from_ve_sigma(schedule, sigma_ve) -> np.ndarray:
+    """alpha where sigma / alpha = sigma_ve (1 / sqrt(1 + sigma_ve^2) on VP paths)."""
+    return schedule.host.alpha_from_ve_sigma(sigma_ve)
 
 
 def ve_sigma_range(schedule) -> tuple[float, float]:
-    """(sigma_ve at t = 1/T, sigma_ve at t = 1): the noise levels the model was trained on."""
-    return float(ve_sigma(schedule, 1.0 / schedule.T)), float(ve_sigma(schedule, 1.0))
+    """(sigma_ve at t_min, sigma_ve at t_max; t = 1/T and 1 on a table): the noise levels
+    the model was trained on."""
+    return (float(ve_sigma(schedule, schedule.t_min)),
+            float(ve_sigma(schedule, schedule.t_max)))
+
+
+def clip_to_path(schedule, t: np.ndarray) -> np.ndarray:
+    """Times of a discrete-index grid ((i + 1) / T) moved below the path's t_max (a
+    no-op on tables; t = 1 becomes 1 - 1/T on a flow path, where alpha(1) = 0)."""
+    return np.minimum(np.asarray(t, np.float64), schedule.t_max)
 
 
 def dpm_solver_times(schedule, num_intervals: int, skip_type: str = "logSNR",
@@ -71,10 +70,12 @@ def dpm_solver_times(schedule, num_intervals: int, skip_type: str = "logSNR",
     """num_intervals + 1 descending times from t_T to t_0 (default 1/T), DPM-Solver style.
 
     logSNR: uniform in lam; time_uniform: uniform in t; time_quadratic: uniform in sqrt(t).
+    t_T = 1 stands for the path's t_max (1 on a table).
     """
     if num_intervals < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_intervals}")
-    t_0 = 1.0 / schedule.T if t_0 is None else t_0
+    t_T = min(t_T, schedule.t_max)
+    t_0 = schedule.t_min if t_0 is None else t_0
     if not 0.0 < t_0 < t_T <= 1.0:
         raise ValueError(f"need 0 < t_0 < t_T <= 1, got t_0={t_0}, t_T={t_T}")
     if skip_type == "logSNR":
@@ -160,11 +161,12 @@ def ve_sigmas(schedule, num_steps: int, sigma_schedule: str = "karras", *,
         if not 1 <= num_steps <= schedule.T:
             raise ValueError(f"num_steps must be in [1, {schedule.T}], got {num_steps}")
         idx = np.linspace(0, schedule.T - 1, num_steps)[::-1]
-        table = ve_sigma(schedule, np.arange(1, schedule.T + 1) / schedule.T)
+        table = ve_sigma(schedule, clip_to_path(schedule, np.arange(1, schedule.T + 1)
+                                                / schedule.T))
         sig = np.interp(idx, np.arange(schedule.T), table)
     elif sigma_schedule == "timesteps":
         idx = timesteps(schedule.T, num_steps, spacing, steps_offset)
-        sig = ve_sigma(schedule, (idx + 1.0) / schedule.T)
+        sig = ve_sigma(schedule, clip_to_path(schedule, (idx + 1.0) / schedule.T))
     else:
         raise ValueError(f"unknown sigma_schedule {sigma_schedule!r}; "
                          f"known: {SIGMA_SCHEDULES}")

@@ -1,6 +1,7 @@
 """Euler, Heun (Karras et al. 2022, "EDM") and Euler ancestral, in VE sigma space.
 
-Any VP model is a VE model: x_ve = x_t / alpha, sigma_ve = sigma / alpha, and the
+Any model on any Gaussian path (VP, VE, flow: `diffusion.paths`) is a VE model:
+x_ve = x_t / alpha, sigma_ve = sigma / alpha, and the
 denoiser D(x_ve, sigma_ve) is the Denoiser's x0 at t = t_from_ve_sigma(sigma_ve), fed
 x_t = alpha x_ve. The probability-flow ODE is dx_ve / dsigma = (x_ve - D) / sigma, and
 (x_ve - D) / sigma_ve is exactly the Denoiser's eps, which is what the solvers use.
@@ -81,9 +82,12 @@ def plan_karras(schedule, num_steps: int, *, heun: bool = False,
                   strength, steps_offset, fractional_timesteps)
     top = grids.ve_sigma_range(schedule)[1]
     t_of = lambda s: float(grids.t_from_ve_sigma(schedule, s))
-    a_of = lambda s: 1.0 / math.sqrt(1.0 + s * s)  # alpha at sigma_ve = s
+    a_of = lambda s: float(grids.alpha_from_ve_sigma(schedule, s))  # alpha at sigma_ve = s
     plan = Plan(t_start=t_of(sig[0]))
-    x_ve = plan.start / a_of(sig[0]) if init_noise == "vp" else float(sig[0]) * plan.start
+    if init_noise == "vp":
+        x_ve = plan.start / a_of(sig[0])
+    else:  # the state is start_std x_T (x_T on VP paths): x_ve = sigma_max x_T
+        x_ve = (float(sig[0]) / float(schedule.host.start_std(t_of(sig[0])))) * plan.start
     for s, s_next in zip(sig[:-1], sig[1:]):
         s, s_next = float(s), float(s_next)
         churn = S_tmin <= s <= S_tmax

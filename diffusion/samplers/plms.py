@@ -14,6 +14,9 @@ The first steps lack history; `warmup` chooses how they start:
                   NFE = N + 3 min(3, N - 1).
   "lower_order"   AB1, AB2, AB3 and then AB4: NFE = N.
 
+On a path with alpha(1) = 0 (flow) the grid's t = 1 moves to t_max = 1 - 1/T, since
+the transfer divides by alpha_t.
+
 A warm-up step whose end is t = 0 falls back to Adams-Bashforth (the model is never
 evaluated at t = 0, where sigma = 0), which the NFE counts above include.
 
@@ -53,6 +56,8 @@ def plan_plms(schedule, num_steps: int, *, spacing: str = "trailing",
         raise ValueError(f"unknown PLMS warmup {warmup!r}; known: {WARMUPS}")
     t_all, s_all = step_times(schedule, num_steps, spacing, steps_offset=steps_offset,
                               set_alpha_to_one=set_alpha_to_one, prev_timestep=prev_timestep)
+    # The transfer divides by alpha_t: on a flow path (alpha(1) = 0) start at t_max.
+    t_all, s_all = grids.clip_to_path(schedule, t_all), grids.clip_to_path(schedule, s_all)
     keep = grids.truncate_for_strength(np.concatenate([t_all, [0.0]]), strength)[:-1]
     pairs = list(zip(t_all[-len(keep):], s_all[-len(keep):]))
     coef = lambda t: (float(grids.alpha(schedule, t)), float(grids.sigma(schedule, t)))
