@@ -76,7 +76,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.ema.warmup = True                   # decay_k = min(decay, (1 + k) / (10 + k))
 
     c.train = ml_collections.ConfigDict()
-    c.train.objective = "diffusion"      # see diffusion.train.objectives
+    c.train.objective = "diffusion"      # see diffusion.objectives
     c.train.num_steps = 10000
     c.train.log_every = 50
     c.train.checkpoint_every = 1000

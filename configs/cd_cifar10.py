@@ -18,7 +18,7 @@ Args: "" (CD), "teacher" (the EDM teacher, 390k steps at batch 512 = EDM's 200M
 images), and either with ",runlocal" for the tiny mode (e.g. "teacher,runlocal").
 """
 from configs.base import get_base_config, is_tiny, make_tiny, parse_arg
-from diffusion.consistency.config import add_consistency_config
+from diffusion.objectives.consistency_config import add_consistency_config
 
 
 def cifar10_unet(c, dropout: float) -> None:

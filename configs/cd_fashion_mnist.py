@@ -17,7 +17,7 @@ configs/edm_fashion_mnist.py:runlocal): configs/cd_fashion_mnist.py:runlocal
 """
 from configs.base import get_base_config, is_tiny, make_tiny
 from configs.edm_fashion_mnist import fashion_unet
-from diffusion.consistency.config import add_consistency_config
+from diffusion.objectives.consistency_config import add_consistency_config
 
 
 def get_config(arg: str = ""):

@@ -11,7 +11,7 @@ the teacher of configs/cd_fashion_mnist.py (same network, so CD can start from i
 Tiny mode for tests: configs/edm_fashion_mnist.py:runlocal
 """
 from configs.base import get_base_config, is_tiny, make_tiny
-from diffusion.consistency.config import add_consistency_config
+from diffusion.objectives.consistency_config import add_consistency_config
 
 
 def fashion_unet(c) -> None:

@@ -14,7 +14,7 @@ Tiny mode for tests: configs/ict_cifar10.py:runlocal
 """
 from configs.base import get_base_config, is_tiny, make_tiny
 from configs.cd_cifar10 import cifar10_unet
-from diffusion.consistency.config import add_consistency_config
+from diffusion.objectives.consistency_config import add_consistency_config
 
 
 def get_config(arg: str = ""):

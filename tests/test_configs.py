@@ -87,7 +87,7 @@ def test_sweep_expands_with_distinct_workdirs():
 def test_sweep_names_use_full_dotted_keys(tmp_path):
     import launch
     from configs.base import get_base_config
-    from diffusion.consistency.config import add_consistency_config
+    from diffusion.objectives.consistency_config import add_consistency_config
     path = tmp_path / "cfg.py"
     path.write_text("def sweep():\n    return [{'diffusion.weighting': 'snr'},\n"
                     "            {'consistency.weighting': 'snr', 'model.dit.variant': 'B/2'}]\n")

@@ -2,6 +2,7 @@
 the CD loss against closed forms for Gaussian data, curricula, 8 devices = 1 for a CT
 and a CD step, the CD teacher glue, and a tiny end-to-end CT run."""
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -13,11 +14,12 @@ import pytest
 from diffusion import parallel
 from diffusion.consistency import bridge, edm
 from diffusion.consistency import losses as cm
-from diffusion.consistency.step import (ConsistencySpec, make_consistency_train_step,
-                                        make_edm_train_step)
+from diffusion.consistency.losses import ConsistencySpec
 from diffusion.denoiser import Denoiser
+from diffusion.objectives.consistency import make_consistency_train_step
+from diffusion.objectives.edm import make_edm_train_step
 from diffusion.schedules import make_schedule
-from diffusion.train.state import init_state
+from diffusion.train_state import init_state
 
 SMIN, SMAX, SD = edm.SIGMA_MIN, edm.SIGMA_MAX, edm.SIGMA_DATA
 CM_PRECOND = edm.Precond(consistency=True)
@@ -352,7 +354,9 @@ def test_cd_loads_its_teacher_and_starts_from_it(tmp_path):
     """A teacher workdir written by this codebase (EDM, tiny) -> aux['teacher'] holds its
     EMA params; with init_from_teacher online, target and EMA params all start there."""
     from configs import cd_fashion_mnist, edm_fashion_mnist
-    from diffusion.train.setup import build_run, write_config
+    from diffusion.config_file import write_config
+    from diffusion.objectives.consistency import teacher_fn
+    from diffusion.train.setup import build_run
 
     def smaller(c):  # fewer arrays: orbax's per-array cost dominates this test otherwise
         c.model.unet.update(ch_mult=(1,), attn_resolutions=())
@@ -370,16 +374,25 @@ def test_cd_loads_its_teacher_and_starts_from_it(tmp_path):
         build_run(cfg, str(tmp_path / "no_teacher"))
     cfg.consistency.teacher_workdir = t_dir
     run = build_run(cfg, str(tmp_path / "student"))
+    assert run.teacher.step is None  # by shape (diffusion.load, restore=False)
     state = run.objective.prepare(run, _fake_state(run, seed=2))
     _assert_trees_equal(state.aux["teacher"], t_state.ema_params)
     for tree in (state.params, state.ema_params, state.aux["target"]):
         _assert_trees_equal(tree, t_state.ema_params)
     # The teacher as the step sees it: a sigma-space x0 of the right shape (traced only).
-    from diffusion.consistency.objectives import _teacher_fn
     x = jnp.zeros((2,) + run.image_shape)
-    x0 = jax.eval_shape(_teacher_fn(run), state.aux["teacher"], x, jnp.array([0.5, 20.0]),
+    x0 = jax.eval_shape(teacher_fn(run), state.aux["teacher"], x, jnp.array([0.5, 20.0]),
                         None)
     assert x0.shape == x.shape and x0.dtype == jnp.float32
+    # A student resumes from its own checkpoint: the teacher's checkpoints may be gone,
+    # its config.json alone gives the teacher's params their shapes.
+    import shutil
+    shutil.rmtree(os.path.join(t_dir, "checkpoints"))
+    again = build_run(cfg, str(tmp_path / "student"))
+    assert (jax.tree.map(lambda a: a.shape, again.abstract_state.aux["teacher"])
+            == jax.tree.map(lambda a: a.shape, run.abstract_state.aux["teacher"]))
+    with pytest.raises(FileNotFoundError, match="train the teacher first"):
+        again.objective.prepare(again, _fake_state(again, seed=2))
 
 
 def test_ct_runlocal_trains_end_to_end(tmp_path):

@@ -65,15 +65,15 @@ def test_training_vlb_of_an_exact_model_is_zero_on_unit_variance_data():
     assert np.isfinite(vlb[0]) and 0.0 <= vlb[0] <= 8.0, vlb[0]
 
 
-def test_distillation_teacher_does_not_clip_or_threshold_latents(monkeypatch):
+def test_distillation_teacher_does_not_clip_or_threshold_latents():
     # The teacher config's sample.clip_x0 / dynamic_threshold are sampling choices; on
     # latents (not confined to [-1, 1]) they bend the teacher's ODE. The CD teacher is
     # the raw model, as in the official consistency-models code.
     from types import SimpleNamespace
     from configs.default import get_config
-    from diffusion.consistency import objectives as cd
-    from diffusion.consistency.config import add_consistency_config
-    from diffusion.train.objectives import get_objective
+    from diffusion.objectives import get_objective
+    from diffusion.objectives.consistency import teacher_fn
+    from diffusion.objectives.consistency_config import add_consistency_config
 
     teacher_cfg = get_config("runlocal")
     teacher_cfg.data.source = "latents:/nonexistent"
@@ -82,12 +82,12 @@ def test_distillation_teacher_does_not_clip_or_threshold_latents(monkeypatch):
     teacher_cfg.sample.dynamic_threshold = 0.995
     model = SimpleNamespace(apply=lambda v, x, c, y, train: jnp.full_like(x, 3.0))
     teacher = SimpleNamespace(config=teacher_cfg, model=model, objective=get_objective(
-        "diffusion"), schedule=make_schedule("linear", 1000))
-    monkeypatch.setattr(cd, "teacher_run", lambda run: teacher)
+        "diffusion"), schedule=make_schedule("linear", 1000), image_shape=(4, 4, 1),
+        num_classes=0, workdir="teacher")
     student = SimpleNamespace(config=add_consistency_config(get_config("runlocal")),
-                              num_classes=0)
-    teacher_x0 = cd._teacher_fn(student)
+                              num_classes=0, image_shape=(4, 4, 1), teacher=teacher)
+    teacher_x0 = teacher_fn(student)
     x_ve = jnp.ones((2, 4, 4, 1))
     x0 = teacher_x0({}, x_ve, jnp.array([0.5, 5.0]), None)
     np.testing.assert_allclose(np.asarray(x0), 3.0, rtol=1e-6)
-    assert teacher_cfg.sample.clip_x0 == 1.0  # the cached teacher run is left as it was
+    assert teacher_cfg.sample.clip_x0 == 1.0  # the teacher handed over is left as it was

@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 
 from configs.dit_fashion_mnist_cond import get_config
-from diffusion import parallel
+from diffusion import parallel, sampling
 from diffusion.denoiser import Denoiser, from_flax
 from diffusion.models import DiT, UNet
 from diffusion.samplers.options import dynamic_threshold, with_dynamic_thresholding
 from diffusion.schedules import Schedule, make_schedule
-from diffusion.train import sampling
 from diffusion.train.setup import build_run
-from diffusion.train.step import drop_labels
+from diffusion.train_state import drop_labels
 
 from train_steps import train_steps
 
@@ -320,7 +319,7 @@ def test_dynamic_thresholding_wraps_the_guided_prediction():
 
 def test_sample_guidance_channels_reaches_the_denoiser():
     from types import SimpleNamespace
-    from diffusion.train.objectives import diffusion_denoiser
+    from diffusion.objectives.diffusion import diffusion_denoiser
     cfg = get_config("runlocal")
     run = SimpleNamespace(config=cfg, model=None, schedule=SCHEDULE)
     assert cfg.sample.guidance_channels == 0  # 0 = every channel

@@ -12,6 +12,7 @@ one module is a cycle, whether a function-level import hides it at run time or n
 from __future__ import annotations
 
 import ast
+import functools
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,24 +20,38 @@ PACKAGE = "diffusion"
 
 # Layer 1 (DESIGN.md, "Layers"): the diffusion math, plain jnp. A name is a module or a
 # package (then every module under it).
-MATH = ("diffusion.schedules", "diffusion.forward_process", "diffusion.targets",
-        "diffusion.losses", "diffusion.learned_variance", "diffusion.denoiser",
-        "diffusion.samplers", "diffusion.analytic", "diffusion.consistency")
+MATH = ("diffusion.schedules", "diffusion.paths", "diffusion.forward_process",
+        "diffusion.targets", "diffusion.losses", "diffusion.learned_variance",
+        "diffusion.denoiser", "diffusion.samplers", "diffusion.analytic",
+        "diffusion.consistency")
 MATH_FORBIDDEN_THIRD_PARTY = ("flax", "ml_collections", "optax", "orbax")
 
 
-def _modules() -> dict[str, str]:
+def _modules(root: str) -> dict[str, str]:
     """{dotted module name: file path} for every .py file of the package."""
     out = {}
-    base = os.path.join(ROOT, PACKAGE)
+    base = os.path.join(root, PACKAGE)
     for dirpath, dirnames, filenames in os.walk(base):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
-        rel = os.path.relpath(dirpath, ROOT).split(os.sep)
+        rel = os.path.relpath(dirpath, root).split(os.sep)
         for f in sorted(filenames):
             if not f.endswith(".py"):
                 continue
             parts = rel if f == "__init__.py" else rel + [f[:-3]]
             out[".".join(parts)] = os.path.join(dirpath, f)
+    return out
+
+
+def _statements(body: list) -> list:
+    """Every statement, at any depth (functions, classes, if / try / with blocks):
+    import statements are statements, so expressions need no visit (fast)."""
+    out = []
+    for node in body:
+        out.append(node)
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            inner = getattr(node, field, None)
+            if isinstance(inner, list):
+                out.extend(_statements(inner))
     return out
 
 
@@ -57,7 +72,7 @@ def _imports(name: str, path: str, modules: dict[str, str]) -> tuple[set[str], s
                 return candidate
         return None
 
-    for node in ast.walk(tree):
+    for node in _statements(tree.body):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.split(".")[0] == PACKAGE:
@@ -93,8 +108,10 @@ def _imports(name: str, path: str, modules: dict[str, str]) -> tuple[set[str], s
     return internal, external
 
 
-def _graph():
-    modules = _modules()
+@functools.lru_cache(maxsize=None)
+def _graph(root: str = ROOT):
+    """(modules, {module: package modules it imports}, {module: third-party names})."""
+    modules = _modules(root)
     edges, external = {}, {}
     for name, path in modules.items():
         edges[name], external[name] = _imports(name, path, modules)
@@ -198,12 +215,7 @@ def test_graph_builder_sees_function_level_and_relative_imports(tmp_path):
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("from diffusion import b\n")
     (pkg / "b.py").write_text("def f():\n    from . import a\n    return a\n")
-    global ROOT
-    old, ROOT = ROOT, str(tmp_path)
-    try:
-        _, edges, _ = _graph()
-    finally:
-        ROOT = old
+    _, edges, _ = _graph(str(tmp_path))
     assert edges["diffusion.a"] == {"diffusion.b"} and edges["diffusion.b"] == {"diffusion.a"}
     assert [c for c in _strongly_connected(edges) if len(c) > 1] == [["diffusion.a",
                                                                        "diffusion.b"]]

@@ -135,7 +135,7 @@ def test_sample_fn_takes_init_images_and_a_mask():
     """make_sample_fn / generate with the config's strength and per-sample init images
     (sample i starts from image i % N) and mask; the 4-argument call is unchanged."""
     from diffusion import parallel
-    from diffusion.train import sampling
+    from diffusion import sampling
     c = _sample_config(sampler="dpmpp_2m", strength=0.5)
     fn = sampling.make_sample_fn(lambda p: DEN, image_shape=SHAPE[1:], num_classes=0,
                                  sampler="dpmpp_2m", num_steps=6, batch_size=4,

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from diffusion.train.state import ema_decay, ema_update
+from diffusion.train_state import ema_decay, ema_update
 
 
 def _tree(key):

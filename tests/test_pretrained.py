@@ -16,10 +16,10 @@ import pytest
 import diffusion
 from configs.default import get_config
 from configs.vae_fashion_mnist import get_config as vae_config
-from diffusion import pretrained
+from diffusion import pretrained, sampling
+from diffusion.config_file import read_run_config
 from diffusion.models import build_model
-from diffusion.train import loop, sampling
-from diffusion.train.run_config import read_run_config
+from diffusion.train import loop
 from diffusion.train.setup import build_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,7 +191,7 @@ def test_latent_run_decodes_with_its_vae(pipe, tmp_path):
     config = pipe.config.copy_and_resolve_references()
     config.data.update(source=f"latents:{latents}", image_size=0)
     config.sample.clip_x0 = 0.0
-    assert pretrained._source_shape(config, "run") == (4, 4, 4)
+    assert pretrained.config_image_shape(config, "run") == (4, 4, 4)
     model = build_model(config.model, (4, 4, 4), 0, False)
     params = model.init(jax.random.key(1), np.zeros((1, 4, 4, 4), np.float32),
                         np.zeros(1, np.float32), None, train=False)["params"]

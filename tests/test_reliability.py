@@ -19,7 +19,7 @@ import pytest
 from configs.default import get_config
 from diffusion.train import loop
 from diffusion.train.setup import build_run
-from diffusion.train.validate import ConfigError
+from diffusion.config_file import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -326,8 +326,14 @@ def test_sigterm_to_one_host_stops_every_host_at_the_same_step(tmp_path):
     assert steps[0] == steps[1] and _steps_on_disk(wd) == [steps[0]]
 
 
-def test_sample_mode_falls_back_past_a_corrupt_newest_checkpoint(nan_run, tmp_path):
+def test_sample_mode_falls_back_past_a_corrupt_newest_checkpoint(nan_run, tmp_path,
+                                                                  monkeypatch):
     from diffusion.train.generate import sample_from_workdir
+
+    def no_data(*args, **kwargs):  # sample mode loads the run (diffusion.load), no dataset
+        raise AssertionError("sample mode must not build the data source")
+    monkeypatch.setattr("diffusion.data.registry.make_source", no_data)
+    monkeypatch.setattr("diffusion.train.setup.make_source", no_data)
     wd = str(tmp_path / "run")
     shutil.copytree(nan_run[0], wd)
     step_dir = os.path.join(wd, "checkpoints", "4", "state", "d")

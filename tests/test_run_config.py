@@ -11,8 +11,9 @@ from configs.default import get_config
 from diffusion.checkpointing import COMMIT_FILE
 from diffusion.train import loop
 from diffusion.train.generate import sample_from_workdir
-from diffusion.train.setup import build_run, write_config
-from diffusion.train.validate import ConfigError
+from diffusion.config_file import write_config
+from diffusion.train.setup import build_run
+from diffusion.config_file import ConfigError
 
 
 def _trained_workdir(tmp_path, **changes):

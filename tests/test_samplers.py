@@ -487,13 +487,13 @@ def test_bad_options():
         plan_karras(SCHED, 10, init_noise="sigma_max", strength=0.5)
 
 
-# ---- options from the config (diffusion.train.sampling) ------------------------------
+# ---- options from the config (diffusion.sampling) ------------------------------------
 def test_sampler_options_from_the_config_and_the_free_form_section():
     """Legacy sample.* keys still reach the samplers that take them; sample.options
     ("k=v,k=v", settable from the command line of a locked config) adds any option,
     checked against the sampler's signature before anything compiles."""
     from configs.base import get_base_config
-    from diffusion.train import sampling
+    from diffusion import sampling
     c = get_base_config()
     c.lock()
     assert sampling.sampler_options(c.sample, "ddim") == {"spacing": "trailing", "eta": 0.0}

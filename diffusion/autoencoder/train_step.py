@@ -23,7 +23,7 @@ from diffusion.autoencoder.losses import (NLayerDiscriminator, vae_discriminator
                                           vae_generator_loss_and_recon)
 from diffusion.autoencoder.metrics import psnr, ssim
 from diffusion.models.vae import AutoencoderKL
-from diffusion.train.state import TrainState, ema_decay, ema_update
+from diffusion.train_state import TrainState, apply_gradients
 
 
 def init_discriminator(disc: NLayerDiscriminator, tx: optax.GradientTransformation,
@@ -61,9 +61,8 @@ def make_vae_train_step(vae: AutoencoderKL, disc: NLayerDiscriminator | None,
                                   disc_weight=disc_weight, disc_start=disc_start)
 
         (_, (metrics, x_hat)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        decay = ema_decay(state.step, ema_rate, ema_warmup)
+        new_state, decay = apply_gradients(state, grads, tx, ema_rate=ema_rate,
+                                           ema_warmup=ema_warmup)
         aux = state.aux
         if disc is not None:
             new_disc, new_opt, d_metrics = _discriminator_update(
@@ -76,10 +75,7 @@ def make_vae_train_step(vae: AutoencoderKL, disc: NLayerDiscriminator | None,
             ssim=jnp.mean(ssim(x, x_img, window_size=ssim_window(x.shape[1:3]))),
             grad_norm=optax.tree.norm(grads), learning_rate=lr_fn(state.step),
             ema_decay=decay)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  ema_params=ema_update(state.ema_params, params, decay),
-                                  aux=aux)
-        return new_state, metrics
+        return new_state.replace(aux=aux), metrics
 
     return train_step
 

@@ -90,15 +90,6 @@ def denoise(net_fn: NetFn, x: jnp.ndarray, sigma: jnp.ndarray, y: Optional[jnp.n
     return expand(c_skip, x) * x + expand(c_out, x) * f.astype(jnp.float32)
 
 
-def flax_net_fn(module, params, *, train: bool = False,
-                dropout_key: Optional[jax.Array] = None) -> NetFn:
-    """NetFn over a Flax module called as module.apply({'params': p}, x, t, y, train=...)."""
-    def net_fn(x, t, y):
-        rngs = {"dropout": dropout_key} if (train and dropout_key is not None) else None
-        return module.apply({"params": params}, x, t, y, train=train, rngs=rngs)
-    return net_fn
-
-
 def sample_lognormal_sigma(key: jax.Array, batch: int, p_mean: float = -1.2,
                            p_std: float = 1.2) -> jnp.ndarray:
     """EDM's training noise levels: log(sigma) ~ N(p_mean, p_std^2), shape [B]."""

@@ -1,5 +1,6 @@
 """Consistency-model losses: discretisation curricula, noise-index sampling, distances,
-loss weighting and the probability-flow ODE steps of consistency distillation.
+loss weighting and the probability-flow ODE steps of consistency distillation;
+`ConsistencySpec` holds one objective's choices of them.
 
 Discretisation. N noise levels sigma_0 < ... < sigma_{N-1} on the Karras grid
 (sigma_0 = sigma_min, sigma_{N-1} = sigma_max, rho = 7); a training pair is
@@ -18,6 +19,7 @@ sqrt(||a - b||^2 + c^2) - c with the norm over all d pixels, c = 0.00054 sqrt(d)
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -32,6 +34,7 @@ INDEX_SAMPLINGS = ("uniform", "lognormal")
 WEIGHTINGS = ("uniform", "inverse_step")
 DISTANCES = ("l2", "pseudo_huber")
 ODE_SOLVERS = ("euler", "heun")
+TARGET_SCHEDULES = ("constant", "ct", "none")
 
 
 def _check(value: str, known: tuple, what: str) -> str:
@@ -175,3 +178,61 @@ def ode_step(solver: str, denoise: SigmaDenoise, x: jnp.ndarray, sigma: jnp.ndar
     _check(solver, ODE_SOLVERS, "consistency ode_solver")
     fn = euler_step if solver == "euler" else heun_step
     return fn(denoise, x, sigma, sigma_next)
+
+
+# ---- the hyperparameters together ------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ConsistencySpec:
+    """Hyperparameters of a consistency objective: the curriculum, pair sampling, weighting,
+    distance and (CD) ODE solver of the functions above."""
+    total_steps: int                     # K, for the curricula
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    curriculum: str = "fixed"            # fixed | ct | ict
+    num_scales: int = 18                 # N of the "fixed" curriculum
+    s0: int = 2
+    s1: int = 150
+    target_ema: float = 0.95             # mu ("constant") or mu0 ("ct")
+    target_schedule: str = "constant"    # constant | ct | none (target = online, iCT)
+    index_sampling: str = "uniform"      # uniform | lognormal
+    index_p_mean: float = -1.1
+    index_p_std: float = 2.0
+    weighting: str = "uniform"           # uniform | inverse_step
+    distance: str = "pseudo_huber"       # l2 | pseudo_huber
+    huber_c: float = 0.0                 # 0 = 0.00054 sqrt(d)
+    ode_solver: str = "heun"             # CD only: euler | heun
+
+    def __post_init__(self):
+        _check(self.curriculum, CURRICULA, "consistency.curriculum")
+        _check(self.index_sampling, INDEX_SAMPLINGS, "consistency.index_sampling")
+        _check(self.weighting, WEIGHTINGS, "consistency.weighting")
+        _check(self.distance, DISTANCES, "consistency.distance")
+        _check(self.ode_solver, ODE_SOLVERS, "consistency.ode_solver")
+        _check(self.target_schedule, TARGET_SCHEDULES, "consistency.target_ema_schedule")
+        if self.curriculum == "fixed" and self.num_scales < 2:
+            raise ValueError(f"consistency.num_scales must be >= 2, got {self.num_scales}")
+        if self.curriculum != "fixed" and not 1 <= self.s0 <= self.s1:
+            raise ValueError(f"need 1 <= consistency.s0 <= s1, got s0={self.s0}, s1={self.s1}")
+        if self.target_schedule != "none" and not 0.0 <= self.target_ema < 1.0:
+            raise ValueError(f"consistency.target_ema must be in [0, 1), got {self.target_ema}")
+        if self.target_schedule == "ct" and self.target_ema <= 0.0:
+            raise ValueError("target_ema_schedule 'ct' needs target_ema (mu0) > 0")
+
+    @property
+    def has_target_net(self) -> bool:
+        return self.target_schedule != "none"
+
+    @property
+    def max_scales(self) -> int:
+        return max_num_scales(self.curriculum, self.num_scales, self.s1)
+
+    def num_scales_at(self, step: jnp.ndarray) -> jnp.ndarray:
+        return num_scales_at(step, self.curriculum, self.total_steps, self.num_scales,
+                             self.s0, self.s1)
+
+    def mu_at(self, num_scales: jnp.ndarray) -> jnp.ndarray:
+        if self.target_schedule == "ct":
+            return ct_target_ema(num_scales, self.s0, self.target_ema)
+        return jnp.asarray(self.target_ema if self.has_target_net else 0.0, jnp.float32)

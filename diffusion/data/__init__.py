@@ -27,6 +27,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "TfdsSource":
+        # Lazy: tensorflow-datasets takes ~0.5 s to import and most runs never use it.
         from diffusion.data.tfds_source import TfdsSource
         return TfdsSource
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,8 @@
-"""Training: the state and optimizer (`state`), the pure train step (`step`), the host
-loop (`loop.train_and_evaluate`), sampling from params (`sampling`) and the `sample`
-mode that draws images from a workdir's newest checkpoint (`generate`)."""
+"""Training, the top layer and the only one that reads a whole config: what a run
+builds (`setup`), the host loop (`loop.train_and_evaluate`), evaluation during training
+(`evaluator`), the `sample` mode that draws images from a workdir (`generate`), config
+checks (`validate`, `run_config`). The state, the steps and the sampler glue live below
+it (diffusion.train_state, diffusion.objectives, diffusion.sampling)."""
 from diffusion.train.generate import sample_from_workdir
 from diffusion.train.loop import train_and_evaluate
 

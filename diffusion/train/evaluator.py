@@ -15,15 +15,14 @@ from typing import Callable
 import jax
 import numpy as np
 
+from diffusion import evaluation, sampling
 from diffusion.data import BatchIterator, make_source
 from diffusion.evaluation.classifier import DEFAULT_WEIGHTS as DEFAULT_CLASSIFIER
 from diffusion.evaluation.classifier import fit_to_classifier
-from diffusion.train import sampling
 from diffusion.train.setup import Run
 
 
 def feature_network(name: str, weights: str):
-    from diffusion import evaluation
     if name == "classifier":
         path = weights or DEFAULT_CLASSIFIER
         if not os.path.exists(path):
@@ -47,7 +46,6 @@ def _fit_to(images: np.ndarray, net_name: str) -> np.ndarray:
 
 def make_evaluator(run: Run, sample_fn_for: Callable) -> Callable:
     """Returns evaluate(params) -> dict of metrics of samples drawn with `params`."""
-    from diffusion import evaluation
     c = run.config
     net = feature_network(c.eval.feature_net, c.eval.feature_weights)
     ref_name = c.eval.reference_source or c.data.source

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from diffusion.train.validate import ConfigError
+from diffusion.config_file import ConfigError
 
 
 def _match_channels(x: np.ndarray, channels: int, what: str) -> np.ndarray:

@@ -26,11 +26,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion import images, parallel
+from diffusion import images, parallel, sampling
+from diffusion.autoencoder.sample_decoding import decoding_sample_fn
+from diffusion.config_file import write_config
 from diffusion.data import BatchIterator
 from diffusion.io_errors import guard
-from diffusion.train import latent_decoding, profiling, sampling
-from diffusion.train.setup import Run, build_run, write_config
+from diffusion.train import profiling
+from diffusion.train.evaluator import make_evaluator
+from diffusion.train.setup import Run, build_run
 from diffusion.train.workdir_lock import WorkdirLock
 from diffusion.writers import MetricWriter, Progress
 
@@ -115,7 +118,7 @@ def sample_fn_for(run: Run, sampler: str, num_steps: int, batch_size: int):
         num_classes=run.num_classes, sampler=sampler, num_steps=num_steps,
         batch_size=batch_size, mesh=run.mesh,
         options=sampling.sampler_options(run.config.sample, sampler))
-    return latent_decoding.decoding_sample_fn(run, fn)
+    return decoding_sample_fn(run, fn)
 
 
 def _verify_finite(state) -> None:
@@ -300,7 +303,6 @@ def _train(run: Run, c: ml_collections.ConfigDict, state, data_step: int,
 
     evaluate = None
     if c.train.eval_every:
-        from diffusion.train.evaluator import make_evaluator
         evaluate = make_evaluator(run, sample_fn_for)
 
     batch = parallel.global_batch(next(batches), run.mesh)

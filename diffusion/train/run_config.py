@@ -24,16 +24,14 @@ value: that is the default the older code behaved as.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Iterable, Optional
 
-import jax
 import ml_collections
 
 from diffusion.checkpointing import COMMIT_FILE
-from diffusion.train.validate import ConfigError
+from diffusion.config_file import ConfigError, as_tuples, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +55,6 @@ def is_frozen(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in FROZEN)
 
 
-def _tuples(x: Any) -> Any:
-    """JSON lists back to tuples (config.json stores tuples such as ch_mult as lists)."""
-    if isinstance(x, dict):
-        return {k: _tuples(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return tuple(_tuples(v) for v in x)
-    return x
-
-
 def flatten(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
     """{"a.b.c": value} of every leaf, lists as tuples."""
     d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
@@ -74,27 +63,8 @@ def flatten(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
         if isinstance(v, dict):
             out.update({f"{k}.{kk}": vv for kk, vv in flatten(v).items()})
         else:
-            out[k] = _tuples(v)
+            out[k] = as_tuples(v)
     return out
-
-
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote to <workdir>/config.json (see write_config)."""
-    path = os.path.join(os.path.abspath(workdir), "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{workdir} holds no config.json: is it the workdir of a "
-                                "run trained with launch.py?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(_tuples(json.load(f)))
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """The resolved config, as JSON (machine) and as the ConfigDict repr (people)."""
-    if jax.process_index() != 0:
-        return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
 
 
 def has_checkpoint(workdir: str) -> bool:

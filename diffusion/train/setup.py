@@ -1,5 +1,6 @@
-"""Everything a run builds from its config before the first step, shared by training
-and sampling: mesh, data source, schedule, model, optimizer, abstract state, checkpoints.
+"""Everything a run builds from its config before the first step: mesh, data source,
+schedule, model, optimizer, objective (and the CD teacher it needs), abstract state,
+checkpoints.
 
 The abstract state comes from `jax.eval_shape`, so a model that cannot take the data's
 image shape fails here, in seconds, before anything compiles.
@@ -14,16 +15,16 @@ from typing import Any
 import jax
 import ml_collections
 
-from diffusion import parallel
+from diffusion import parallel, pretrained
 from diffusion.checkpointing import Checkpointer
+from diffusion.config_file import read_run_config
 from diffusion.data import Source, make_source
 from diffusion.models import build_model
+from diffusion.objectives import get_objective
+from diffusion.objectives.consistency_config import section as consistency_section
 from diffusion.schedules import Schedule, make_schedule
-from diffusion.train.objectives import get_objective
-from diffusion.train.state import init_state, make_optimizer
 from diffusion.train import run_config, validate
-# The run's config.json: one reader and writer, re-exported where callers found them.
-from diffusion.train.run_config import read_run_config, write_config  # noqa: F401
+from diffusion.train_state import init_state, make_optimizer
 
 
 @dataclasses.dataclass
@@ -39,10 +40,11 @@ class Run:
     tx: Any
     lr_fn: Any
     init_fn: Any
-    objective: Any        # diffusion.train.objectives.Objective
+    objective: Any        # diffusion.objectives.Objective
     abstract_state: Any   # ShapeDtypeStructs carrying their target shardings
     state_sharding: Any
     checkpointer: Checkpointer
+    teacher: Any = None   # objective.teacher: a diffusion.pretrained.Pipeline, by shape
 
 
 def image_shape_of(config: ml_collections.ConfigDict, source: Source) -> tuple:
@@ -71,8 +73,11 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     model = build_model(config.model, image_shape, num_classes, config.diffusion.learned_sigma)
     tx, lr_fn = make_optimizer(config.optim, config.train.num_steps)
     objective = get_objective(config.train.objective)
+    teacher = None
+    if objective.teacher:
+        teacher = load_teacher(config, image_shape, list(mesh.devices.flat))
     run = Run(config, workdir, mesh, source, image_shape, num_classes, schedule, model, tx,
-              lr_fn, None, objective, None, None, None)
+              lr_fn, None, objective, None, None, None, teacher)
 
     def init_fn(key):
         state = init_state(model, tx, key, image_shape=image_shape, num_classes=num_classes)
@@ -92,3 +97,26 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
     return dataclasses.replace(run, init_fn=init_fn, abstract_state=abstract,
                                state_sharding=state_sharding, checkpointer=ckpt)
+
+
+def load_teacher(config: ml_collections.ConfigDict, image_shape: tuple,
+                 devices) -> pretrained.Pipeline:
+    """The run in consistency.teacher_workdir, built by shape from its config.json over
+    `devices` (its EMA params are restored by the objective's `prepare` on a fresh run;
+    a resumed run finds them in its own checkpoint). A teacher whose config does not
+    tell its image shape (a `tfds:` source) is built for the student's `image_shape`."""
+    workdir = consistency_section(config).teacher_workdir
+    if not workdir:
+        raise ValueError(
+            "consistency.teacher_workdir is empty: consistency distillation needs a teacher "
+            "trained by this codebase, e.g. `python launch.py --config "
+            "configs/edm_fashion_mnist.py --workdir runs/edm_fashion_mnist`, then "
+            "--config.consistency.teacher_workdir=runs/edm_fashion_mnist")
+    workdir = os.path.abspath(workdir)
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+        raise FileNotFoundError(
+            f"consistency.teacher_workdir={workdir!r} holds no config.json: is it the "
+            "workdir of a finished training run of this codebase?")
+    h, _, c = pretrained.config_image_shape(read_run_config(workdir), workdir)
+    shape = None if (h is not None and c is not None) else image_shape
+    return pretrained.load(workdir, image_shape=shape, devices=devices, restore=False)

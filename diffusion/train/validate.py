@@ -10,13 +10,9 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from diffusion.config_file import ConfigError
 from diffusion.models import attention_implementation
 from diffusion.train.profiling import parse_profile_steps
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key."""
-    exit_code = 2
 
 
 def _positive_int(c: ml_collections.ConfigDict, key: str) -> None:

@@ -55,7 +55,7 @@ def run_and_report(args, specs, nfes, out: str, command: str) -> None:
         raise NotImplementedError(f"the checkpoint benchmark needs diffusion.evaluation and "
                                   f"diffusion.train.evaluator ({e})") from e
     from diffusion.autoencoder.sample_decoding import decoding_sample_fn
-    from diffusion.train import sampling
+    from diffusion import sampling
     from diffusion.train.setup import build_run
 
     config = load_config(args.checkpoint, args.config)

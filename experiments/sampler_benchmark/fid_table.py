@@ -92,7 +92,8 @@ class Bench:
     """The run's model, its evaluation features and reference statistics, loaded once."""
 
     def __init__(self, workdir: str, batch_size: int):
-        from diffusion.train import evaluator, sampling
+        from diffusion import sampling
+        from diffusion.train import evaluator
         from diffusion.train.setup import build_run
         with open(os.path.join(workdir, "config.json")) as f:
             import ml_collections

@@ -1,11 +1,11 @@
 """Measurements of the throughput benchmark, each on the devices of the current process.
 
 matmul_peak: the device's dense matmul rate (n x n x n, random data, median of repeats).
-train_row: one full train step of the project (diffusion.train.step: loss, AdamW with
+train_row: one full train step of the project (diffusion.objectives.diffusion: loss, AdamW with
   fp32 moments, EMA) on a synthetic batch [B, H, W, C] sharded over every device;
   compile time apart, then the median of per-step times (each ended by
   block_until_ready) after warm-up, and the mean of a pipelined run of the same steps.
-sample_row: one jitted sampling call (diffusion.train.sampling: 50 DDIM steps in one
+sample_row: one jitted sampling call (diffusion.sampling: 50 DDIM steps in one
   lax.scan, CFG batched), median over repeats.
 FLOPs: forward_flops (XLA's count of the forward pass, one multiply-add = 2 FLOPs); a
 train step counts 3 forward passes (forward + backward), a guided sampling step 2.
@@ -25,9 +25,9 @@ from diffusion import parallel
 from diffusion.denoiser import Denoiser
 from diffusion.models.flops import dit_forward_macs, forward_flops
 from diffusion.schedules import make_schedule
-from diffusion.train import sampling
-from diffusion.train.state import init_state, make_optimizer
-from diffusion.train.step import make_train_step
+from diffusion import sampling
+from diffusion.objectives.diffusion import make_train_step
+from diffusion.train_state import init_state, make_optimizer
 from experiments.throughput.rows import Row, attention_impl, build_model, dit_arch
 
 

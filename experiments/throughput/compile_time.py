@@ -2,7 +2,7 @@
 
     python -m experiments.throughput.compile_time [--variant XL/2] [--batch 2] [--reps 2]
 
-The full train step of the throughput benchmark (diffusion.train.step: learned-sigma
+The full train step of the throughput benchmark (diffusion.objectives.diffusion: learned-sigma
 loss, AdamW, EMA) for the paper's DiT on 32x32x4 latents, 1000 classes, is lowered and
 compiled from abstract inputs (jax.ShapeDtypeStruct: nothing is materialised, so
 DiT-XL/2 needs no 10 GB of state) with jax.jit(...).lower(...).compile(). Compile time
@@ -46,8 +46,8 @@ def measure(variant: str, batch: int, scan: bool, remat: bool) -> dict:
     from configs.base import get_base_config
     from diffusion.models import DiT
     from diffusion.schedules import make_schedule
-    from diffusion.train.state import init_state, make_optimizer
-    from diffusion.train.step import make_train_step
+    from diffusion.objectives.diffusion import make_train_step
+    from diffusion.train_state import init_state, make_optimizer
 
     model = DiT.from_variant(variant, input_size=32, in_channels=4, num_classes=1000,
                              learn_sigma=True, scan_blocks=scan, remat=remat)

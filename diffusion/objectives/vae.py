@@ -1,5 +1,5 @@
-"""Registers train.objective "vae": the KL autoencoder of latent diffusion, trained with
-LDM's loss (diffusion.autoencoder.train_step) through the same loop, checkpoints and launch.py.
+"""Objective "vae": the KL autoencoder of latent diffusion, trained with LDM's loss
+(diffusion.autoencoder.train_step) through the same loop, checkpoints and launch.py.
 
     model.name = "vae"   hyperparameters in model.vae, in/out channels from the data
     vae_loss.*           reconstruction kind, KL weight, PatchGAN and its start step
@@ -12,18 +12,17 @@ row of their reconstructions from the posterior mean (`visualize`).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from diffusion import parallel
-from diffusion.models import DTYPES
-from diffusion.train.objectives import OBJECTIVES, Objective
+from diffusion import images, parallel
+from diffusion.autoencoder.decode import reconstruct
 from diffusion.autoencoder.losses import NLayerDiscriminator
 from diffusion.autoencoder.train_step import init_discriminator, make_vae_train_step
+from diffusion.models import DTYPES
+from diffusion.objectives.base import Objective, unchanged
 
 
 def _check(run) -> None:
@@ -77,29 +76,18 @@ def _init_aux(run, state):
     return state.replace(rng=rng, aux=dict(state.aux, **aux))
 
 
-def _identity(run, state):
-    return state
-
-
 def _no_denoiser(run, params):
     raise ValueError("train.objective 'vae' trains an autoencoder, which has no sampler; "
                      "its reconstructions are written to <workdir>/samples during training. "
                      "Use its workdir as latent.vae_workdir of a latent diffusion run.")
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def reconstruct(vae, params, x: jnp.ndarray) -> jnp.ndarray:
-    """x_hat [B, H, W, C] in [-1, 1] from the posterior mean (no sampling)."""
-    x_hat, _, _ = vae.apply({"params": params}, x)
-    return jnp.clip(x_hat, -1.0, 1.0)
-
-
 def fixed_images(source, n: int, image_shape: tuple) -> np.ndarray:
     """The first n examples of `source` as float32 [n, H, W, C] in [-1, 1]."""
     size = tuple(image_shape[:2])
     idx = np.arange(min(n, len(source)))
-    images = source.get(idx, None if tuple(source.image_shape[:2]) == size else size)["image"]
-    return images.astype(np.float32) / 127.5 - 1.0
+    x = source.get(idx, None if tuple(source.image_shape[:2]) == size else size)["image"]
+    return x.astype(np.float32) / 127.5 - 1.0
 
 
 def paired_grid_images(x: np.ndarray, x_hat: np.ndarray) -> tuple[np.ndarray, int]:
@@ -116,7 +104,6 @@ def paired_grid_images(x: np.ndarray, x_hat: np.ndarray) -> tuple[np.ndarray, in
 
 def _visualize(run, state) -> dict[str, np.ndarray]:
     """{tag: uint8 grid}: a fixed batch and its reconstructions by the EMA and raw params."""
-    from diffusion import images  # PIL, only when writing images
     x = fixed_images(run.source, int(run.config.sample.num_samples), run.image_shape)
     x_dev = jax.device_put(x, parallel.replicated(run.mesh))
     out = {}
@@ -128,4 +115,4 @@ def _visualize(run, state) -> dict[str, np.ndarray]:
     return out
 
 
-OBJECTIVES["vae"] = Objective(_make_step, _init_aux, _identity, _no_denoiser, _visualize)
+VAE = Objective(_make_step, _init_aux, unchanged, _no_denoiser, _visualize)

@@ -1,4 +1,5 @@
-"""The `consistency` config section (EDM and consistency objectives) and what it builds.
+"""The `consistency` config section (EDM and consistency objectives) and what it builds:
+the preconditioning, the consistency spec and the samplers' VP view of the VE model.
 
 Configs that train with objective "edm", "consistency_distillation" or
 "consistency_training" call `add_consistency_config(c)` and then change keys:
@@ -26,8 +27,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from diffusion.consistency import bridge
 from diffusion.consistency.edm import Precond
-from diffusion.consistency.step import ConsistencySpec
+from diffusion.consistency.losses import ConsistencySpec
+from diffusion.schedules import Schedule
 
 
 def consistency_defaults() -> ml_collections.ConfigDict:
@@ -71,3 +74,10 @@ def spec_from_config(config: ml_collections.ConfigDict) -> ConsistencySpec:
         index_sampling=s.index_sampling, index_p_mean=float(s.index_p_mean),
         index_p_std=float(s.index_p_std), weighting=s.weighting, distance=s.distance,
         huber_c=float(s.huber_c), ode_solver=s.ode_solver)
+
+
+def ve_schedule_from_config(config: ml_collections.ConfigDict) -> Schedule:
+    """The VP view of the section's VE noise range that the samplers walk."""
+    s = section(config)
+    return bridge.ve_schedule(int(s.bridge_T), float(s.sigma_min), float(s.sigma_max),
+                              float(s.rho))

@@ -1,7 +1,9 @@
 """Drawing samples from a model inside or outside training.
 
-`make_sample_fn` compiles one whole sampling loop (any sampler in the registry) as a
-function of (params, key, sample_offset, guidance); sample i of a call gets its noise
+`sampler_options` turns a config's `sample` section into one sampler's options (for
+training, `--mode sample` and `diffusion.load` alike). `make_sample_fn` compiles one
+whole sampling loop (any sampler in the registry) as a function of (params, key,
+sample_offset, guidance); sample i of a call gets its noise
 from fold_in(key, sample_offset + i), so images do not depend on the batch size or
 the number of devices, and a new guidance weight never recompiles.
 """
@@ -17,7 +19,7 @@ import numpy as np
 
 from diffusion import parallel, samplers
 from diffusion.denoiser import Denoiser
-from diffusion.train.validate import ConfigError
+from diffusion.config_file import ConfigError
 
 
 # The sample section's options from before `sample.options`, kept working: (config
@@ -97,7 +99,7 @@ def make_sample_fn(denoiser_fn: Callable[..., Denoiser], *, image_shape: tuple,
     """Returns a jitted fn(params, key, sample_offset, guidance, x_init=None, mask=None)
     -> x0 [batch, H, W, C].
 
-    denoiser_fn(params) -> Denoiser (see diffusion.train.objectives).
+    denoiser_fn(params) -> Denoiser (see diffusion.objectives).
 
     Class-conditional models sample label (offset + i) % num_classes for sample i, with
     classifier-free guidance weight `guidance` (1 = purely conditional). x_init [batch,
@@ -125,7 +127,7 @@ def make_sample_fn(denoiser_fn: Callable[..., Denoiser], *, image_shape: tuple,
     return jax.jit(fn, out_shardings=parallel.data_sharded(mesh))
 
 
-def _rows(a: Optional[np.ndarray], offset: int, batch_size: int) -> Optional[np.ndarray]:
+def batch_rows(a: Optional[np.ndarray], offset: int, batch_size: int) -> Optional[np.ndarray]:
     """Rows (offset + i) % N, i < batch_size, of a [N, ...] array (sample i's image);
     a single row [1, ...] (one mask for all) or None as it is."""
     if a is None or a.shape[0] == 1:
@@ -145,9 +147,9 @@ def generate(sample_fn: Callable, params, key: jax.Array, num_samples: int, batc
     for offset in range(0, num_samples, batch_size):
         extra = {}
         if x_init is not None:
-            extra["x_init"] = jnp.asarray(_rows(x_init, offset, batch_size), jnp.float32)
+            extra["x_init"] = jnp.asarray(batch_rows(x_init, offset, batch_size), jnp.float32)
         if mask is not None:
-            extra["mask"] = jnp.asarray(_rows(mask, offset, batch_size), jnp.float32)
+            extra["mask"] = jnp.asarray(batch_rows(mask, offset, batch_size), jnp.float32)
         x = sample_fn(params, key, jnp.int32(offset), jnp.float32(guidance), **extra)
         out.append(parallel.to_host(x))
     return np.concatenate(out)[:num_samples]

@@ -1,9 +1,15 @@
-"""The train state (one pytree) and how it is built: optimizer, EMA, initialisation.
+"""The train state every objective shares: one pytree, its optimizer, one update rule.
 
-TrainState(step, params, opt_state, ema_params, rng, aux), where `aux` holds what
-an objective other than plain diffusion needs (e.g. a consistency model's target net). It is initialised by shape first
+TrainState(step, params, opt_state, ema_params, rng, aux), where `aux` holds what an
+objective other than plain diffusion needs (a consistency model's target net, a CD
+teacher's params, a VAE's discriminator). It is initialised by shape first
 (`jax.eval_shape`), which checks the model against the data shape in seconds, and the
 same abstract state is the checkpoint restore target.
+
+Every train step (diffusion, EDM, consistency CT / CD, the VAE) ends in
+`apply_gradients`: one optimizer update and the EMA of the parameters, with the same
+warm-up rule. Class labels are dropped for classifier-free guidance by `drop_labels`,
+and the per-example losses are reported in NUM_LOSS_BUCKETS noise-level buckets.
 """
 from __future__ import annotations
 
@@ -14,6 +20,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from diffusion import losses
+
+NUM_LOSS_BUCKETS = 4
 
 
 @flax.struct.dataclass
@@ -67,7 +77,44 @@ def ema_update(ema: Any, params: Any, decay: jax.Array) -> Any:
     return optax.incremental_update(params, ema, 1.0 - decay)
 
 
-def init_state(model, tx, key: jax.Array, image_shape: tuple, num_classes: int) -> TrainState:
+def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation, *,
+                    ema_rate: float, ema_warmup: bool) -> tuple[TrainState, jax.Array]:
+    """(state after one optimizer step and its EMA update, the EMA decay used).
+
+    The step counter advances by one; `aux` is left as it is (an objective updates
+    its own part of it from the returned state's params)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay(state.step, ema_rate, ema_warmup)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema_update(state.ema_params, params, decay))
+    return new_state, decay
+
+
+def step_metrics(state: TrainState, loss: jax.Array, grads: Any, lr_fn: optax.Schedule,
+                 decay: jax.Array) -> dict:
+    """The metrics every step reports: loss, grad norm, learning rate, EMA decay (of the
+    step that `state`, the state before the update, is at)."""
+    return {"loss": loss, "grad_norm": optax.tree.norm(grads),
+            "learning_rate": lr_fn(state.step), "ema_decay": decay}
+
+
+def loss_buckets(per_example: jnp.ndarray, u: jnp.ndarray) -> dict:
+    """{"loss_t<b>": mean of per_example [B] over the examples whose noise level u [B] in
+    (0, 1] falls in bucket b of NUM_LOSS_BUCKETS equal parts (b = 0: the least noise)}."""
+    means = losses.bucket_means(per_example, u, NUM_LOSS_BUCKETS)
+    return {f"loss_t{b}": means[b] for b in range(NUM_LOSS_BUCKETS)}
+
+
+def drop_labels(key: jax.Array, y: jnp.ndarray, p: float) -> jnp.ndarray:
+    """Replaces each label by the null label (-1) with probability p (for CFG)."""
+    if p <= 0:
+        return y
+    return jnp.where(jax.random.uniform(key, y.shape) < p, -1, y)
+
+
+def init_state(model, tx: optax.GradientTransformation, key: jax.Array, image_shape: tuple,
+               num_classes: int) -> TrainState:
     """Initialises params on a batch of one; call under eval_shape or jit."""
     k_init, k_state = jax.random.split(key)
     x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
@@ -76,3 +123,4 @@ def init_state(model, tx, key: jax.Array, image_shape: tuple, num_classes: int) 
     params = model.init({"params": k_init}, x, t, y, train=False)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema_params=params, rng=k_state)
+
