@@ -46,6 +46,26 @@ def test_cifar10_config_builds_the_35_7m_unet():
     assert abs(n - 35_746_307) / 35_746_307 < 0.005
 
 
+def test_models_registry_builds_each_network_from_its_own_section():
+    from configs.base import get_base_config
+    from diffusion import models
+    from diffusion.config_file import ConfigError
+    c = get_base_config().model
+    built = {}
+    for name in models.MODELS:
+        c.name = name
+        built[name] = type(models.build_model(c, (28, 28, 1), 0))
+    assert built == {"unet": models.UNet, "dit": models.DiT, "vae": models.AutoencoderKL}
+    c.name = "unet"
+    c.unet.attn_resolutions = (5,)  # the U-Net's own check: levels 28, 14, 7
+    with pytest.raises(ConfigError, match=r"attn_resolutions=\(5,\): \[5\] is no level"):
+        models.build_model(c, (28, 28, 1), 0)
+    c.name = "transformer"
+    with pytest.raises(ValueError, match="unknown model.name 'transformer'; known: "
+                                         r"\['dit', 'unet', 'vae'\]"):
+        models.build_model(c, (28, 28, 1), 0)
+
+
 def test_parse_arg_reads_big_vision_style_arguments():
     from configs.base import is_tiny, parse_arg
     a = parse_arg("variant=B/2,runlocal,steps=7", variant="S/2", steps=0, guide=False)

@@ -63,7 +63,6 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     run_config.check_workdir(config, workdir)
     source = make_source(config.data.source, config.data.split, config.data.data_dir or None)
     image_shape = image_shape_of(config, source)
-    validate.check_image_shape(config, image_shape)
     num_classes = int(config.conditioning.num_classes)
     if num_classes > 0 and source.num_classes and num_classes != source.num_classes:
         raise ValueError(f"conditioning.num_classes={num_classes} but data source "

@@ -1,12 +1,13 @@
 """Config checks that run first in a run's setup, before anything is built or compiled.
 
 Each bad value fails here with one line naming the key, instead of a ZeroDivisionError
-after compilation, a silently diverging run (lr < 0) or a model that quietly drops
-layers (attention resolutions no level reaches).
+after compilation or a silently diverging run (lr < 0). A network's own constraints
+(U-Net attention resolutions that no level reaches) are checked by its builder in
+diffusion.models.MODELS.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import ml_collections
 
@@ -63,26 +64,3 @@ def check_config(c: ml_collections.ConfigDict, num_devices: int) -> None:
         _positive_int(c, "sample.num_samples")
         _positive_int(c, "sample.batch_size")
         _positive_int(c, "sample.num_steps")
-
-
-def check_image_shape(c: ml_collections.ConfigDict, image_shape: Sequence[int]) -> None:
-    """Checks the model against the image size: every U-Net attention resolution must be
-    a level the network reaches (otherwise those layers silently vanish)."""
-    if c.model.name != "unet":
-        return
-    h = int(image_shape[0])
-    n_levels = len(c.model.unet.ch_mult)
-    if n_levels < 1:
-        raise ConfigError("model.unet.ch_mult must have at least one level")
-    levels = [h // 2 ** i for i in range(n_levels)]
-    if h % 2 ** (n_levels - 1):
-        raise ConfigError(
-            f"data.image_size {h} cannot be halved {n_levels - 1} times by the U-Net's "
-            f"{n_levels} levels (model.unet.ch_mult={tuple(c.model.unet.ch_mult)}); use a "
-            f"multiple of {2 ** (n_levels - 1)}")
-    missing = [r for r in c.model.unet.attn_resolutions if r not in levels]
-    if missing:
-        raise ConfigError(
-            f"model.unet.attn_resolutions={tuple(c.model.unet.attn_resolutions)}: "
-            f"{missing} is no level of the U-Net for {h}x{h} images (levels: "
-            f"{levels}); those attention layers would silently not exist")
