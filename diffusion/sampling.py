@@ -9,7 +9,6 @@ the number of devices, and a new guidance weight never recompiles.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Callable, Optional
 
 import jax
@@ -22,31 +21,29 @@ from diffusion.denoiser import Denoiser
 from diffusion.config_file import ConfigError
 
 
-# The sample section's options from before `sample.options`, kept working: (config
-# key, sampler option, conversion, samplers). A key reaches every sampler whose
-# signature takes the option (samplers None) or the listed ones; a later row wins.
-# A key that an older config lacks is left to the sampler's default. New options need
-# no row: `sample.options` passes them through.
-_KARRAS_LEVELS = ("euler", "heun", "euler_a", "consistency")
-_SECTION_KEYS = (
-    ("spacing", "spacing", str, None),
-    ("eta", "eta", float, None),
-    ("ancestral_eta", "eta", float, ("euler_a",)),
-    ("variance", "variance", str, None),
-    ("plms_warmup", "warmup", str, None),
-    ("skip_type", "skip_type", str, None),
-    ("denoise_to_zero", "denoise_to_zero", bool, None),
-    ("lower_order_final", "lower_order_final", bool, None),
-    ("sigma_schedule", "sigma_schedule", str, None),
-    ("sigma_min", "sigma_min", float, _KARRAS_LEVELS),  # 0 = the sampler's default
-    ("sigma_max", "sigma_max", float, _KARRAS_LEVELS),
-    ("rho", "rho", float, _KARRAS_LEVELS),
-    ("s_noise", "S_noise", float, None),
-    ("s_churn", "S_churn", float, None),
-    ("s_tmin", "S_tmin", float, None),
-    ("s_tmax", "S_tmax", float, None),
-    ("consistency_sigmas", "sigmas", lambda v: tuple(v) or None, None),
-)
+# The sample section's keys from before `sample.options`, kept working: config key ->
+# (sampler option, conversion). Which keys reach which sampler is the sampler's own
+# declaration (samplers.REGISTRY[name].config_keys); a key that an older config lacks is
+# left to the sampler's default. New options need no row: `sample.options` passes them.
+_SECTION_KEYS = {
+    "spacing": ("spacing", str),
+    "eta": ("eta", float),
+    "ancestral_eta": ("eta", float),
+    "variance": ("variance", str),
+    "plms_warmup": ("warmup", str),
+    "skip_type": ("skip_type", str),
+    "denoise_to_zero": ("denoise_to_zero", bool),
+    "lower_order_final": ("lower_order_final", bool),
+    "sigma_schedule": ("sigma_schedule", str),
+    "sigma_min": ("sigma_min", float),  # 0 = the sampler's default
+    "sigma_max": ("sigma_max", float),
+    "rho": ("rho", float),
+    "s_noise": ("S_noise", float),
+    "s_churn": ("S_churn", float),
+    "s_tmin": ("S_tmin", float),
+    "s_tmax": ("S_tmax", float),
+    "consistency_sigmas": ("sigmas", lambda v: tuple(v) or None),
+}
 _ZERO_IS_DEFAULT = ("sigma_min", "sigma_max")
 
 
@@ -65,19 +62,19 @@ def _free_form(text: str, name: str) -> dict:
 
 def sampler_options(sample: ml_collections.ConfigDict, name: str) -> dict:
     """The options sampler `name` runs with, from the config's `sample` section: the
-    rows of _SECTION_KEYS that it takes, `sample.strength` when < 1 (image-to-image),
-    `sample.inpaint_resample` when > 0 (RePaint rounds; DDPM, DDIM), then the free-form `sample.options` ("steps_offset=1,final_step=zero"; see
-    `samplers.parse_options`). Raises ValueError naming any option the sampler does not
-    take (`samplers.check_options`; a ConfigError), before anything is compiled.
+    older keys its registry entry reads (`config_keys`, mapped by _SECTION_KEYS),
+    `sample.strength` when < 1 (image-to-image), `sample.inpaint_resample` when > 0
+    (RePaint rounds; DDPM, DDIM), then the free-form `sample.options`
+    ("steps_offset=1,final_step=zero"; see `samplers.parse_options`). Raises a
+    ConfigError naming any option the sampler does not take (`samplers.check_options`),
+    before anything is compiled.
     """
     name = samplers.canonical_name(name)
-    takes = inspect.signature(samplers.get_sampler(name)).parameters
     options = {}
-    for key, option, convert, only in _SECTION_KEYS:
-        if key not in sample or option not in takes or (only and name not in only):
+    for key in samplers.REGISTRY[name].config_keys:
+        if key not in sample or (key in _ZERO_IS_DEFAULT and not sample[key] > 0):
             continue
-        if key in _ZERO_IS_DEFAULT and not sample[key] > 0:
-            continue
+        option, convert = _SECTION_KEYS[key]
         options[option] = convert(sample[key])
     strength = float(sample.get("strength", 1.0))
     if strength != 1.0:

@@ -30,30 +30,78 @@ Which options reproduce which diffusers scheduler: README.md next to this file.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import inspect
-from typing import Callable
+from typing import Any, Callable, Mapping, Optional
 
 from diffusion.samplers import consistency, ddim, ddpm, dpm_solver, flow, karras, plms
 from diffusion.schedules import make_schedule
 
-SAMPLERS: dict[str, Callable] = {
-    "ddpm": ddpm.sample,
-    "ddim": ddim.sample,
-    "dpm_solver_1": functools.partial(dpm_solver.sample_singlestep, order=1),
-    "dpm_solver_2": functools.partial(dpm_solver.sample_singlestep, order=2),
-    "dpm_solver_3": functools.partial(dpm_solver.sample_singlestep, order=3),
-    "dpmpp_2s": functools.partial(dpm_solver.sample_singlestep, order=2, data_form=True),
-    "dpmpp_2m": functools.partial(dpm_solver.sample_multistep, order=2),
-    "dpmpp_3m": functools.partial(dpm_solver.sample_multistep, order=3),
-    "euler": karras.sample_euler,
-    "heun": karras.sample_heun,
-    "euler_a": karras.sample_euler_ancestral,
-    "plms": plms.sample,
-    "consistency": consistency.sample,
-    "flow_euler": flow.sample_euler,
-    "flow_midpoint": flow.sample_midpoint,
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One registered sampler, declared once.
+
+    `sample(denoiser, key, shape, num_steps, ..., **options)` runs it; its keyword
+    parameters, less the run-time arguments (_RUNTIME_ARGS) and `fixed`, are the options
+    it takes (checked by `check_options`). Its NFE is the `num_evals` of the plan
+    `plan(schedule, num_steps, **options)` compiles, or, for a sampler with its own loop,
+    `num_evals(schedule, num_steps, **options)`. `fixed` are the options the name sets
+    (dpm_solver_2: order=2), passed to both. `config_keys` are the older `sample.*`
+    config keys that reach this sampler (diffusion.sampling maps each to its option);
+    any other option comes from `sample.options`."""
+    sample: Callable
+    plan: Optional[Callable] = None
+    num_evals: Optional[Callable[..., int]] = None
+    fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    config_keys: tuple[str, ...] = ()
+
+
+_DPM_KEYS = ("skip_type", "denoise_to_zero")
+_KARRAS_KEYS = ("spacing", "sigma_schedule", "sigma_min", "sigma_max", "rho")
+_CHURN_KEYS = ("s_noise", "s_churn", "s_tmin", "s_tmax")
+
+
+def _plan_euler_ancestral(schedule, num_steps: int, eta: float = 1.0, **options):
+    return karras.plan_karras(schedule, num_steps, ancestral_eta=eta, **options)
+
+
+# The one registry: name -> Entry. A new sampler is its function(s) and one entry here.
+REGISTRY: dict[str, Entry] = {
+    "ddpm": Entry(ddpm.sample, num_evals=ddpm.num_evals, config_keys=("spacing", "variance")),
+    "ddim": Entry(ddim.sample, num_evals=ddim.num_evals, config_keys=("eta", "spacing")),
+    "dpm_solver_1": Entry(dpm_solver.sample_singlestep, dpm_solver.plan_singlestep,
+                          fixed=dict(order=1), config_keys=_DPM_KEYS),
+    "dpm_solver_2": Entry(dpm_solver.sample_singlestep, dpm_solver.plan_singlestep,
+                          fixed=dict(order=2), config_keys=_DPM_KEYS),
+    "dpm_solver_3": Entry(dpm_solver.sample_singlestep, dpm_solver.plan_singlestep,
+                          fixed=dict(order=3), config_keys=_DPM_KEYS),
+    "dpmpp_2s": Entry(dpm_solver.sample_singlestep, dpm_solver.plan_singlestep,
+                      fixed=dict(order=2, data_form=True), config_keys=_DPM_KEYS),
+    # sample.sigma_min / sigma_max / rho are the Karras samplers' keys; DPM-Solver++'s
+    # Karras grid (grid=karras) takes its own through sample.options.
+    "dpmpp_2m": Entry(dpm_solver.sample_multistep, dpm_solver.plan_multistep,
+                      fixed=dict(order=2), config_keys=_DPM_KEYS + ("lower_order_final",)),
+    "dpmpp_3m": Entry(dpm_solver.sample_multistep, dpm_solver.plan_multistep,
+                      fixed=dict(order=3), config_keys=_DPM_KEYS + ("lower_order_final",)),
+    "euler": Entry(karras.sample_euler, karras.plan_karras,
+                   config_keys=_KARRAS_KEYS + _CHURN_KEYS),
+    "heun": Entry(karras.sample_heun, functools.partial(karras.plan_karras, heun=True),
+                  config_keys=_KARRAS_KEYS + _CHURN_KEYS),
+    "euler_a": Entry(karras.sample_euler_ancestral, _plan_euler_ancestral,
+                     config_keys=_KARRAS_KEYS + ("ancestral_eta", "s_noise")),
+    "plms": Entry(plms.sample, plms.plan_plms, config_keys=("spacing", "plms_warmup")),
+    "consistency": Entry(consistency.sample, consistency.plan_consistency,
+                         config_keys=("consistency_sigmas", "sigma_min", "sigma_max", "rho")),
+    "flow_euler": Entry(flow.sample_euler, functools.partial(flow.plan_flow, method="euler")),
+    "flow_midpoint": Entry(flow.sample_midpoint,
+                           functools.partial(flow.plan_flow, method="midpoint")),
 }
+# name -> the sampler as it runs (its fixed options bound).
+SAMPLERS: dict[str, Callable] = {
+    name: functools.partial(e.sample, **e.fixed) if e.fixed else e.sample
+    for name, e in REGISTRY.items()}
 ALIASES: dict[str, str] = {
     "ancestral": "ddpm",
     "dpm1": "dpm_solver_1",
@@ -68,26 +116,6 @@ ALIASES: dict[str, str] = {
     "rf_euler": "flow_euler",
     "midpoint": "flow_midpoint",
 }
-# name -> fn(schedule, num_steps, **options) -> the compiled plan (plan.Tables) that the
-# sampler runs with those options; its num_evals is the NFE.
-PLANS: dict[str, Callable] = {
-    "dpm_solver_1": functools.partial(dpm_solver.plan_singlestep, order=1),
-    "dpm_solver_2": functools.partial(dpm_solver.plan_singlestep, order=2),
-    "dpm_solver_3": functools.partial(dpm_solver.plan_singlestep, order=3),
-    "dpmpp_2s": functools.partial(dpm_solver.plan_singlestep, order=2, data_form=True),
-    "dpmpp_2m": functools.partial(dpm_solver.plan_multistep, order=2),
-    "dpmpp_3m": functools.partial(dpm_solver.plan_multistep, order=3),
-    "euler": karras.plan_karras,
-    "heun": functools.partial(karras.plan_karras, heun=True),
-    "euler_a": lambda schedule, n, eta=1.0, **o: karras.plan_karras(schedule, n,
-                                                                    ancestral_eta=eta, **o),
-    "plms": plms.plan_plms,
-    "consistency": consistency.plan_consistency,
-    "flow_euler": functools.partial(flow.plan_flow, method="euler"),
-    "flow_midpoint": functools.partial(flow.plan_flow, method="midpoint"),
-}
-# Samplers with their own loop: fn(schedule, num_steps, **options) -> NFE.
-_NUM_EVALS: dict[str, Callable[..., int]] = {"ddpm": ddpm.num_evals, "ddim": ddim.num_evals}
 # Arguments of a sampler that are not options (they never change the NFE).
 _RUNTIME_ARGS = ("denoiser", "key", "shape", "num_steps", "y", "guidance", "x_T",
                  "sample_offset", "x_init", "mask", "callback", "return_intermediates")
@@ -110,14 +138,27 @@ def _default_schedule():
     return make_schedule("linear", 1000)
 
 
-def check_options(name: str, options: dict) -> None:
+def option_names(name: str) -> tuple[str, ...]:
+    """The options sampler `name` takes: its keyword parameters, less the run-time
+    arguments and the options its name fixes."""
+    entry = REGISTRY[canonical_name(name)]
+    return tuple(k for k in inspect.signature(entry.sample).parameters
+                 if k not in _RUNTIME_ARGS and k not in entry.fixed)
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
     """Raises ValueError naming any option that sampler `name` does not take."""
-    params = inspect.signature(get_sampler(name)).parameters
-    unknown = sorted(k for k in options if k not in params or k in _RUNTIME_ARGS)
+    name = canonical_name(name)
+    fixed = REGISTRY[name].fixed
+    if set(options) & set(fixed):
+        raise ValueError(f"sampler {name!r} fixes "
+                         f"{', '.join(f'{k}={v!r}' for k, v in fixed.items())}; to change "
+                         f"{sorted(set(options) & set(fixed))}, pick another sampler")
+    known = option_names(name)
+    unknown = sorted(k for k in options if k not in known)
     if unknown:
-        known = sorted(k for k in params if k not in _RUNTIME_ARGS)
-        raise ValueError(f"sampler {canonical_name(name)!r} has no option(s) {unknown}; "
-                         f"its options: {known}")
+        raise ValueError(f"sampler {name!r} has no option(s) {unknown}; "
+                         f"its options: {sorted(known)}")
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -173,6 +214,7 @@ def nfe(name: str, num_steps: int, schedule=None, **options) -> int:
     name = canonical_name(name)
     check_options(name, options)
     schedule = _default_schedule() if schedule is None else schedule
-    if name in _NUM_EVALS:
-        return _NUM_EVALS[name](schedule, num_steps, **options)
-    return PLANS[name](schedule, num_steps, **options).num_evals
+    entry = REGISTRY[name]
+    if entry.num_evals is not None:
+        return entry.num_evals(schedule, num_steps, **entry.fixed, **options)
+    return entry.plan(schedule, num_steps, **entry.fixed, **options).num_evals
