@@ -174,6 +174,26 @@ def test_open_clip_gz_vocabulary(tmp_path, vocab_and_merges):
     assert (got.input_ids[~mask] == 0).all() and (~mask).any()
 
 
+@pytest.mark.parametrize("variant", ["sd1_no_config", "sd2_special_map"])
+def test_tokenizer_json_as_transformers_5_saves_it(tmp_path, vocab_and_merges, variant):
+    """transformers 5 saves a tokenizer as tokenizer.json (+ tokenizer_config.json), no
+    vocab.json / merges.txt: read from it, the ids and pad token are the same."""
+    vocab, merges = vocab_and_merges
+    config, special_map, pad = VARIANTS[variant]
+    files = _write(tmp_path / "files", vocab, merges, config, special_map)
+    saved = tmp_path / "saved"
+    transformers.CLIPTokenizer.from_pretrained(str(files)).save_pretrained(str(saved))
+    assert (saved / "tokenizer.json").is_file() and not (saved / "vocab.json").exists()
+    ours = tk.load_clip_tokenizer(saved)
+    assert ours.vocab == vocab and ours.pad_token == pad
+    np.testing.assert_array_equal(ours(PROMPTS).input_ids,
+                                  tk.load_clip_tokenizer(files)(PROMPTS).input_ids)
+    with pytest.raises(ValueError, match="not a BPE"):
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / "tokenizer.json").write_text('{"model": {"type": "WordPiece"}}')
+        tk.load_clip_tokenizer(tmp_path / "bad")
+
+
 def test_bpe_cache_and_batch_independence(vocab_and_merges):
     vocab, merges = vocab_and_merges
     t = tk.CLIPTokenizer(vocab, merges)

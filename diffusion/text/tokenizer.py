@@ -275,6 +275,27 @@ def read_open_clip_vocab(path: str | os.PathLike) -> tuple[dict[str, int], list[
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
+def read_tokenizer_json(path: str | os.PathLike
+                        ) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """tokenizer.json (the `tokenizers` file, all transformers 5 saves of a tokenizer:
+    a pipeline saved with it has no vocab.json / merges.txt) -> (vocab, merges): its BPE
+    model's vocabulary with the added tokens, and its merges ("a b" strings or pairs)."""
+    data = _read_json(os.fspath(path))
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise ValueError(f"{path}: not a BPE tokenizer (model type {model.get('type')!r})")
+    vocab = dict(model["vocab"])
+    for token in data.get("added_tokens") or ():
+        vocab.setdefault(token["content"], int(token["id"]))
+    merges = []
+    for number, merge in enumerate(model.get("merges") or (), 1):
+        pair = merge.split(" ") if isinstance(merge, str) else list(merge)
+        if len(pair) != 2:
+            raise ValueError(f"{path}: merge {number} is not a pair: {merge!r}")
+        merges.append((pair[0], pair[1]))
+    return vocab, merges
+
+
 def _token_string(value: Any, what: str) -> str:
     """A token as tokenizer_config.json / special_tokens_map.json store it: a string or
     a serialised AddedToken {"content": ...}."""
@@ -293,9 +314,10 @@ def _read_json(path: str) -> dict:
 def load_clip_tokenizer(path: str | os.PathLike, max_length: int | None = None) -> CLIPTokenizer:
     """A tokenizer from SD checkpoint files or open_clip's vocabulary.
 
-    path: a folder with vocab.json + merges.txt (an SD pipeline folder with a
-    `tokenizer/` subfolder also works; tokenizer_config.json and special_tokens_map.json
-    are read when present, with transformers' precedence: special_tokens_map.json
+    path: a folder with vocab.json + merges.txt, or the tokenizer.json transformers 5
+    saves instead (an SD pipeline folder with a `tokenizer/` subfolder also works;
+    tokenizer_config.json and special_tokens_map.json are read when present, with
+    transformers' precedence: special_tokens_map.json
     overrides the config unless the config lists `added_tokens_decoder`), or open_clip's
     `bpe_simple_vocab_16e6.txt.gz` (bos/eos as open_clip, padded with id 0 like
     open_clip's `tokenize`). max_length: default the config's model_max_length, else 77.
@@ -306,16 +328,24 @@ def load_clip_tokenizer(path: str | os.PathLike, max_length: int | None = None) 
         pad = next(t for t, i in vocab.items() if i == 0)
         return CLIPTokenizer(vocab, merges, pad_token=pad, special_tokens=(BOS, EOS),
                              max_length=max_length or CONTEXT_LENGTH)
+
+    def has_files(folder: str) -> bool:
+        return all(os.path.isfile(os.path.join(folder, n)) for n in ("vocab.json", "merges.txt")) \
+            or os.path.isfile(os.path.join(folder, "tokenizer.json"))
     folder = path
-    if not os.path.isfile(os.path.join(folder, "vocab.json")) and \
-            os.path.isfile(os.path.join(folder, "tokenizer", "vocab.json")):
+    if not has_files(folder) and has_files(os.path.join(folder, "tokenizer")):
         folder = os.path.join(folder, "tokenizer")
-    for name in ("vocab.json", "merges.txt"):
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise FileNotFoundError(f"no {name} in {folder} (expected a CLIP tokenizer "
-                                    f"folder or an open_clip {OPEN_CLIP_VOCAB})")
-    vocab = _read_json(os.path.join(folder, "vocab.json"))
-    merges = read_merges(os.path.join(folder, "merges.txt"))
+    if all(os.path.isfile(os.path.join(folder, n)) for n in ("vocab.json", "merges.txt")):
+        vocab = _read_json(os.path.join(folder, "vocab.json"))
+        merges = read_merges(os.path.join(folder, "merges.txt"))
+    elif os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        vocab, merges = read_tokenizer_json(os.path.join(folder, "tokenizer.json"))
+    else:
+        missing = [n for n in ("vocab.json", "merges.txt")
+                   if not os.path.isfile(os.path.join(folder, n))]
+        raise FileNotFoundError(f"no {' or '.join(missing)} (nor tokenizer.json) in "
+                                f"{folder} (expected a CLIP tokenizer folder or an "
+                                f"open_clip {OPEN_CLIP_VOCAB})")
     config_file = os.path.join(folder, "tokenizer_config.json")
     config = _read_json(config_file) if os.path.isfile(config_file) else {}
     tokens = {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")
