@@ -47,7 +47,7 @@ from diffusion.checkpointing import Checkpointer
 from diffusion.config_file import read_run_config
 from diffusion.convert.diffusers_vae import load_sd_vae
 from diffusion.denoiser import Denoiser
-from diffusion.models import build_model
+from diffusion.models import build_model, init_params
 from diffusion.objectives import get_objective
 from diffusion.schedules import Schedule, make_schedule
 
@@ -390,11 +390,8 @@ def config_image_shape(config: ml_collections.ConfigDict, workdir: str) -> tuple
 
 
 def _abstract_params(model, image_shape: tuple, num_classes: int) -> Any:
-    x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.float32)
-    y = jax.ShapeDtypeStruct((1,), jnp.int32) if num_classes > 0 else None
-    init = lambda k, x, t, y: model.init({"params": k}, x, t, y, train=False)["params"]
-    return jax.eval_shape(init, jax.random.key(0), x, t, y)
+    return jax.eval_shape(lambda k: init_params(model, k, image_shape, num_classes),
+                          jax.random.key(0))
 
 
 def _shapes(tree: Any) -> Any:

@@ -22,6 +22,7 @@ import ml_collections
 import optax
 
 from diffusion import losses
+from diffusion.models import init_params
 
 NUM_LOSS_BUCKETS = 4
 
@@ -117,10 +118,7 @@ def init_state(model, tx: optax.GradientTransformation, key: jax.Array, image_sh
                num_classes: int) -> TrainState:
     """Initialises params on a batch of one; call under eval_shape or jit."""
     k_init, k_state = jax.random.split(key)
-    x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-    t = jnp.zeros((1,), jnp.float32)
-    y = jnp.zeros((1,), jnp.int32) if num_classes > 0 else None
-    params = model.init({"params": k_init}, x, t, y, train=False)["params"]
+    params = init_params(model, k_init, image_shape, num_classes)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema_params=params, rng=k_state)
 
