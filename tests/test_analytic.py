@@ -333,6 +333,45 @@ def test_benchmark_runner_writes_its_tables(tmp_path):
         run.main(["run", "--problem", "gaussian2d", "--samplers", "nope"])
 
 
+def test_benchmark_runs_on_the_flow_path_and_compares_it_with_vp(tmp_path):
+    """--schedule flow: the exact model predicts the flow velocity (defined at t = 1),
+    each sampler is scored against the exact ODE solve from its own start time and state
+    (DDIM at t = 1, DPM-Solver at t_max = 1 - 1/T, Heun with sigma_max = 1 at t = 1/2 from
+    start_std x_T: a solve from t = 1 ends 0.094 RMS away from that one), rows
+    carry bootstrap intervals, and --compare writes the VP / flow table."""
+    from experiments.sampler_benchmark import run
+    common = ["--problem", "gaussian2d", "--samplers", "ddim,dpmpp_2m,heun:sigma_max=1.0",
+              "--nfe", "9,39", "--num_samples", "64", "--ref_steps", "32",
+              "--baseline_samples", "1000", "--bootstrap", "200", "--out", str(tmp_path)]
+    run.main(["run", *common])
+    run.main(["run", *common, "--schedule", "flow"])
+    for f in ("results_flow.csv", "results_flow.md", "metrics_flow.png"):
+        assert os.path.getsize(tmp_path / f) > 0
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard_flow"))
+    rows = list(csv.DictReader(open(tmp_path / "results_flow.csv")))
+    by = {(r["sampler"], r["nfe"]): r for r in rows}
+    assert float(by[("ddim", "9")]["start_t"]) == 1.0
+    assert float(by[("dpmpp_2m", "9")]["start_t"]) == pytest.approx(0.999)
+    heun = by[("heun:sigma_max=1.0", "39")]
+    assert float(heun["start_t"]) == pytest.approx(0.5, rel=1e-5)
+    assert float(heun["rmse_ode"]) < 0.01, heun
+    ddim = [by[("ddim", n)] for n in ("9", "39")]
+    assert float(ddim[1]["rmse_ode"]) < float(ddim[0]["rmse_ode"])
+    for r in ddim:
+        assert float(r["rmse_ode_lo"]) <= float(r["rmse_ode"]) <= float(r["rmse_ode_hi"])
+    run.main(["run", "--compare", str(tmp_path)])
+    table = list(csv.DictReader(open(tmp_path / "vp_vs_flow.csv")))
+    assert {(r["sampler"], r["target_nfe"]) for r in table if r["metric"] == "rmse_ode"} == {
+        (s, n) for s in ("ddim", "dpmpp_2m", "heun:sigma_max=1.0") for n in ("9", "39")}
+    assert all(r["better"] in ("vp", "flow", "-") for r in table)
+    assert "## rmse_ode" in open(tmp_path / "vp_vs_flow.md").read()
+    with pytest.raises(FileNotFoundError, match="results_flow.csv"):
+        os.remove(tmp_path / "results_flow.csv")
+        run.main(["run", "--compare", str(tmp_path)])
+    with pytest.raises(ValueError, match="neither a VP table"):
+        run.main(["run", *common, "--schedule", "flw"])
+
+
 # ---- schedules that reach (almost) pure noise -----------------------------------------
 
 @pytest.mark.parametrize("schedule_args", [("cosine", False), ("linear", True)],
