@@ -127,6 +127,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.sample.mask = ""
     c.sample.inpaint_resample = 0         # RePaint rounds per step (ddpm, ddim); 0 = off
     c.sample.seed = 0
+    # Text-to-image (a pretrained Stable Diffusion, pretrained.path): the prompt, or a
+    # file with one prompt a line; the negative prompt ("" = none); CLIP layers to skip.
+    c.sample.prompt = ""
+    c.sample.negative_prompt = ""
+    c.sample.prompts_file = ""
+    c.sample.clip_skip = 0
 
     # Training the autoencoder (train.objective "vae"), after LDM's loss: see
     # diffusion.autoencoder.losses. The optimizer of the discriminator is `optim`'s.
@@ -145,6 +151,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.latent = ml_collections.ConfigDict()
     c.latent.vae_workdir = ""             # a workdir of train.objective "vae" (EMA params)
     c.latent.vae_weights = ""             # a diffusers VAE folder or weight file
+
+    # A pretrained pipeline that --mode sample draws from instead of a trained run: a
+    # diffusers Stable Diffusion 1.x / 2.x folder (configs/sd_text_to_image.py); "" = off.
+    c.pretrained = ml_collections.ConfigDict()
+    c.pretrained.path = ""
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 1000
