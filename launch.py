@@ -72,11 +72,19 @@ def main(argv):
     # Before JAX starts: XLA's CPU backend runs one program on about one core.
     cpu_devices.configure(_CPU_DEVICES.value, [_CONFIG.value.data.get("global_batch_size", 0)])
     _initialize_distributed()
-    from diffusion.train import sample_from_workdir, train_and_evaluate
 
     workdir = _WORKDIR.value
     for name, cfg in runs:
         run_dir = os.path.join(workdir, name) if name else workdir
+        if cfg.get("pretrained", {}).get("path"):
+            # A pretrained pipeline (configs/sd_text_to_image.py) is sampled, not trained.
+            if _MODE.value != "sample":
+                raise app.UsageError("pretrained.path is set: run it with --mode sample "
+                                     "(training from pretrained weights is not implemented)")
+            from diffusion.stable_diffusion.run import sample_pretrained
+            print(f"wrote {sample_pretrained(cfg, run_dir)}", flush=True)
+            continue
+        from diffusion.train import sample_from_workdir, train_and_evaluate
         if _MODE.value == "train":
             metrics = train_and_evaluate(cfg, run_dir)
             print(f"finished {run_dir}: {metrics}", flush=True)

@@ -327,3 +327,60 @@ def test_bad_inputs_are_named(sd1, tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
     with pytest.raises(ValueError, match="StableDiffusionXLPipeline"):
         load_stable_diffusion(tmp_path)
+
+
+def test_launch_sample_mode_writes_the_images(sd1, tmp_path):
+    """`launch.py --mode sample` with configs/sd_text_to_image.py and pretrained.path:
+    the npz (arr_0 uint8, arr_1 prompt index), the grid and the settings, with the
+    images the library call gives for the same settings."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    out = subprocess.run(
+        [sys.executable, "launch.py", "--config", "configs/sd_text_to_image.py:runlocal",
+         "--workdir", str(tmp_path / "run"), "--mode", "sample",
+         f"--config.pretrained.path={sd1.path}", f"--config.sample.prompts_file={prompts}",
+         f"--config.sample.negative_prompt={NEGATIVE[0]}", "--config.data.image_size=16",
+         "--config.sample.seed=5"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    stem = tmp_path / "run" / "samples_sd_dpmpp_2m_2steps_seed5"
+    with np.load(f"{stem}.npz") as f:
+        arr, labels = f["arr_0"], f["arr_1"]
+    assert arr.dtype == np.uint8 and arr.shape == (2, 16, 16, 3)
+    np.testing.assert_array_equal(labels, [0, 1])
+    assert (tmp_path / "run" / f"{stem.name}.png").is_file()
+    settings = json.loads((tmp_path / "run" / f"{stem.name}.json").read_text())
+    assert settings["prompts"] == PROMPTS and settings["options"] == {}
+    ref = sd1.sample(PROMPTS, NEGATIVE[0], sampler="dpmpp_2m", karras=True, steps=2,
+                     guidance=7.5, seed=5, height=16, width=16, batch_size=1,
+                     devices=jax.devices()[:1])
+    assert np.abs(arr.astype(int) - ref.astype(int)).max() <= 1
+    # Training a pretrained pipeline is refused, naming the flag to use.
+    out = subprocess.run(
+        [sys.executable, "launch.py", "--config", "configs/sd_text_to_image.py:runlocal",
+         "--workdir", str(tmp_path / "run"), f"--config.pretrained.path={sd1.path}"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "--mode sample" in out.stderr
+
+
+def test_prompts_come_from_the_config(tmp_path):
+    from configs.sd_text_to_image import get_config
+    from diffusion.stable_diffusion.run import ConfigValueError, read_prompts
+    c = get_config("runlocal")
+    with pytest.raises(ConfigValueError, match="sample.prompt or sample.prompts_file"):
+        read_prompts(c.sample)
+    c.sample.prompt = "a cat"
+    assert read_prompts(c.sample) == ["a cat"]
+    (tmp_path / "p.txt").write_text("one\n  two  \n\n")
+    c.sample.prompts_file = str(tmp_path / "p.txt")
+    with pytest.raises(ConfigValueError, match="not both"):
+        read_prompts(c.sample)
+    c.sample.prompt = ""
+    assert read_prompts(c.sample) == ["one", "two"]
