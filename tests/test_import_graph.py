@@ -21,7 +21,8 @@ PACKAGE = "diffusion"
 # Layer 1 (DESIGN.md, "Layers"): the diffusion math, plain jnp. A name is a module or a
 # package (then every module under it).
 MATH = ("diffusion.schedules", "diffusion.paths", "diffusion.forward_process",
-        "diffusion.targets", "diffusion.losses", "diffusion.learned_variance",
+        "diffusion.targets", "diffusion.losses", "diffusion.flow_matching",
+        "diffusion.learned_variance",
         "diffusion.denoiser", "diffusion.samplers", "diffusion.analytic",
         "diffusion.consistency")
 MATH_FORBIDDEN_THIRD_PARTY = ("flax", "ml_collections", "optax", "orbax")
