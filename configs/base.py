@@ -43,6 +43,15 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.vae = ml_collections.ConfigDict(dict(
         latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
         norm_num_groups=32, mid_attention=True))
+    # Text conditioning (a captioned data source, e.g. fashion_mnist_captions): a CLIP
+    # text encoder of this size (vocabulary from the tokenizer: "" = the demo vocabulary
+    # of the Fashion-MNIST captions, or a folder of CLIP tokenizer files) whose token
+    # embeddings the U-Net / DiT cross-attend to (context_dim = width). train_encoder:
+    # jointly with the denoiser, or frozen at its initialisation. cache_embeddings
+    # (precomputed embeddings of a frozen encoder) is not implemented yet.
+    c.model.text = ml_collections.ConfigDict(dict(
+        enabled=False, tokenizer="", width=128, layers=2, heads=4, train_encoder=True,
+        cache_embeddings=False))
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"       # linear | cosine | scaled_linear | sigmoid
@@ -59,6 +68,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.conditioning = ml_collections.ConfigDict()
     c.conditioning.num_classes = 0        # 0 = unconditional
     c.conditioning.label_dropout = 0.1    # p(label -> null) in training, for CFG
+    c.conditioning.caption_dropout = 0.1  # p(caption -> "") in training (text runs)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-4
@@ -97,7 +107,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.sample.eta = 0.0
     c.sample.spacing = "trailing"
     c.sample.variance = "small"           # DDPM: small | large | learned
-    c.sample.guidance_scale = 1.0         # classifier-free guidance w (class models)
+    c.sample.guidance_scale = 1.0         # classifier-free guidance w (class, text models)
     c.sample.guidance_channels = 0        # guide the first N output channels; 0 = all
     c.sample.clip_x0 = 1.0                # 0 = no clipping
     c.sample.dynamic_threshold = 0.0      # percentile p in (0, 1) of |x0|; 0 = off
@@ -127,8 +137,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.sample.mask = ""
     c.sample.inpaint_resample = 0         # RePaint rounds per step (ddpm, ddim); 0 = off
     c.sample.seed = 0
-    # Text-to-image (a pretrained Stable Diffusion, pretrained.path): the prompt, or a
-    # file with one prompt a line; the negative prompt ("" = none); CLIP layers to skip.
+    # Text-to-image (a pretrained Stable Diffusion, pretrained.path, or a run with
+    # model.text.enabled): the prompt, or a file with one prompt a line; the negative
+    # prompt ("" = none: the empty prompt is guidance's unconditional branch); CLIP layers
+    # to skip. Text runs also take several prompts "a|b" and negatives "x|y", one each;
+    # sample.num_samples is then the number of images per prompt.
     c.sample.prompt = ""
     c.sample.negative_prompt = ""
     c.sample.prompts_file = ""

@@ -11,7 +11,9 @@ in the network's own parameterisation, pred = pred_u + w (pred_c - pred_u), and 
 the result to (x0, eps) once. At fixed x_t the conversion is affine in pred, so where
 alpha > 0 this is exactly eps-space guidance; but it stays well defined where alpha = 0
 (zero terminal SNR), where rebuilding x0 from a guided eps as (x_t - sigma eps) / alpha
-divides by zero. Both passes run as one batched network call. `w` is traced, so a new
+divides by zero. Both passes run as one batched network call. The unconditional branch
+is the null label -1, or what `uncond_fn` makes of the condition y (a text model's
+negative prompt; y may then be any pytree of [B, ...] arrays). `w` is traced, so a new
 value never recompiles; at w == 1 only the conditional pass runs (see `_guided_output`).
 `guide_channels` guides only the first C output channels and takes the conditional
 value of the rest, as the official DiT's `forward_with_cfg` does (3 of 4 latent channels).
@@ -55,6 +57,7 @@ class Denoiser:
     learned_sigma: bool = False
     clip_x0: Optional[float] = None  # clip x0 to [-c, c] (pixel models: 1.0)
     guide_channels: Optional[int] = None  # CFG on the first C prediction channels only
+    uncond_fn: Optional[Callable] = None  # y -> the unconditional y; None: labels -> -1
 
     def __post_init__(self):
         targets.check_pred_type(self.pred_type)
@@ -96,7 +99,9 @@ class Denoiser:
             return self.net_fn(x_t, c_noise, y).astype(jnp.float32)
 
         def both():
-            y2 = jnp.concatenate([y, jnp.full_like(y, -1)])  # negative label = null class
+            # The null class (label -1) or the condition's own unconditional branch.
+            uncond = jnp.full_like(y, -1) if self.uncond_fn is None else self.uncond_fn(y)
+            y2 = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), y, uncond)
             out = self.net_fn(jnp.concatenate([x_t, x_t]),
                               jnp.concatenate([c_noise, c_noise]), y2).astype(jnp.float32)
             return self._combine(out[:b], out[b:], w)

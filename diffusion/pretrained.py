@@ -22,7 +22,10 @@ checkpoint's. Where neither works, `load(..., image_shape=(H, W, C))` says it.
 Samples are drawn as in training and `--mode sample`: the whole sampler in one jit over
 a mesh of all devices, the noise of sample i from fold_in(key(seed), i) (so images do not
 depend on the batch size or device count), label i % num_classes by default for a
-class-conditional run; a latent run's samples are decoded by its VAE (`latent.*`).
+class-conditional run; a latent run's samples are decoded by its VAE (`latent.*`). A
+text-conditional run (model.text) is sampled with prompts, `num` images per prompt,
+prompt-major: `pipe.sample(prompt=["a photo of a bag", "a dark sneaker"],
+negative_prompt="sneaker", guidance=3.0)`.
 """
 from __future__ import annotations
 
@@ -48,13 +51,15 @@ from diffusion.config_file import read_run_config
 from diffusion.convert.diffusers_vae import load_sd_vae
 from diffusion.denoiser import Denoiser
 from diffusion.models import build_model, init_params
+from diffusion.models.text_conditional import TextConditional, encode_prompts, load_tokenizer
 from diffusion.objectives import get_objective
 from diffusion.schedules import Schedule, make_schedule
+from diffusion.text import prompts as text_prompts
 
 log = logging.getLogger(__name__)
 
 # Sources whose images have a fixed size known from the name alone.
-_NATIVE_SHAPES = {"fashion_mnist_idx": (28, 28, 1)}
+_NATIVE_SHAPES = {"fashion_mnist_idx": (28, 28, 1), "fashion_mnist_captions": (28, 28, 1)}
 _SYNTHETIC = re.compile(r"synthetic(?::(\d+)x(\d+)x(\d+)(?::\d+)?)?")
 _SYNTHETIC_DEFAULT = (32, 32, 3)  # diffusion.data.sources.synthetic_source's default
 _LATENT_MANIFEST = "manifest.json"  # diffusion.data.latents.MANIFEST
@@ -148,8 +153,10 @@ class Pipeline:
     def sample(self, sampler: str = "ddim", steps: int = 50, num: int = 16, seed: int = 0,
                guidance: Optional[float] = None, labels: Optional[Sequence[int]] = None,
                batch_size: Optional[int] = None, x_init: Optional[np.ndarray] = None,
-               mask: Optional[np.ndarray] = None, **sampler_options) -> np.ndarray:
-        """`num` images [num, H, W, C] clipped to [-1, 1], as a host array.
+               mask: Optional[np.ndarray] = None, prompt=None, negative_prompt=None,
+               **sampler_options) -> np.ndarray:
+        """`num` images [num, H, W, C] clipped to [-1, 1], as a host array; with
+        prompts, `num` per prompt [P num, H, W, C], prompt-major.
 
         sampler: a name of diffusion.samplers (ddim, dpmpp_2m, heun, ...); options default
         to the run's `sample.*` config and are overridden by `sampler_options`.
@@ -159,6 +166,10 @@ class Pipeline:
         x_init [M, H, W, C] in [-1, 1]: sample i starts from image i % M (image-to-image
         with strength < 1) or, with mask [1 or M, H, W, 1 or C] (1 = keep), keeps its
         known pixels (inpainting); in the space the network samples.
+        prompt: text-conditional runs: a prompt or a list of P prompts (default the empty
+        prompt); negative_prompt: one for all or one per prompt, the unconditional branch
+        of guidance (default the empty prompt); image i of a prompt gets the noise of
+        sample p num + i, so the same seed and prompts give the same images anywhere.
         """
         if num < 1:
             raise ValueError(f"num must be >= 1, got {num}")
@@ -166,9 +177,15 @@ class Pipeline:
             raise ValueError(f"{self.workdir} was loaded by shape only (restore=False): "
                              "call .restore() first")
         y = self._labels(labels, num)
+        if self.is_text:
+            y = self._prompt_rows(prompt, negative_prompt, num)
+            num = len(y)
+        elif prompt is not None or negative_prompt is not None:
+            raise ValueError(f"prompts need a text-conditional run; {self.workdir} is not "
+                             "one (model.text.enabled=False)")
         if guidance is None:
             guidance = float(self.config.sample.guidance_scale)
-        elif self.num_classes == 0 and guidance != 1.0:
+        elif self.num_classes == 0 and not self.is_text and guidance != 1.0:
             raise ValueError(f"guidance={guidance} needs a class-conditional run; "
                              f"{self.workdir} is unconditional (conditioning.num_classes=0)")
         n_dev = self.mesh.devices.size
@@ -180,7 +197,8 @@ class Pipeline:
         for offset in range(0, num, bs):
             yb = None
             if y is not None:
-                yb = np.resize(y[offset:offset + bs], bs).astype(np.int32)  # pads the last
+                yb = np.resize(y[offset:offset + bs],  # pads the last
+                               (bs,) + y.shape[1:]).astype(np.int32)
             extra = {}
             if x_init is not None:
                 extra["x_init"] = jnp.asarray(sampling.batch_rows(x_init, offset, bs),
@@ -192,6 +210,18 @@ class Pipeline:
         x = np.concatenate(out)[:num]
         # decode clips; a sampler's last step may overshoot [-1, 1] slightly.
         return self.decode(x) if self.is_latent else np.clip(x, -1.0, 1.0)
+
+    @property
+    def is_text(self) -> bool:
+        return isinstance(self.model, TextConditional)
+
+    def _prompt_rows(self, prompt, negative_prompt, num: int) -> np.ndarray:
+        """int32 [P num, 2, L]: each sample's prompt and negative prompt ids."""
+        prompts = text_prompts.as_list(prompt) or [""]
+        negatives = text_prompts.negatives_for(negative_prompt, len(prompts))
+        tokenizer = load_tokenizer(str(self.config.model.text.tokenizer))
+        pairs = text_prompts.prompt_pairs(tokenizer, prompts, negatives)
+        return np.repeat(pairs, num, axis=0)
 
     def _labels(self, labels, num: int) -> Optional[np.ndarray]:
         if self.num_classes == 0:
@@ -219,6 +249,8 @@ class Pipeline:
             shape = (batch_size,) + tuple(self.image_shape)
 
             def fn(params, key, offset, guidance, y, x_init=None, mask=None):
+                if self.is_text:  # prompt and negative ids [batch, 2, L], encoded once
+                    y = encode_prompts(self.model, params, y)
                 w = guidance if y is not None else None
                 extra = {k: v for k, v in (("x_init", x_init), ("mask", mask)) if v is not None}
                 return sample(self.objective.denoiser(self, params), key, shape, steps, y=y,
@@ -384,6 +416,9 @@ def config_image_shape(config: ml_collections.ConfigDict, workdir: str) -> tuple
         h, w, c = (tuple(map(int, groups)) if groups[0] else _SYNTHETIC_DEFAULT)
     elif name.startswith("latents:"):
         h, w, c = _latent_manifest(config, workdir)["latent_shape"]
+    elif name.startswith("pairs:") and os.path.isfile(name[len("pairs:"):]):
+        # a reflow run: the .npy header of its (sample, noise) pairs [N, 2, H, W, C]
+        h, w, c = np.load(name[len("pairs:"):], mmap_mode="r").shape[2:]
     if config.data.image_size:
         h = w = int(config.data.image_size)
     return h, w, c

@@ -19,6 +19,8 @@ import numpy as np
 from diffusion import parallel, samplers
 from diffusion.denoiser import Denoiser
 from diffusion.config_file import ConfigError
+from diffusion.models.text_conditional import TextConditional, encode_prompts, load_tokenizer
+from diffusion.text import prompts as text_prompts
 
 
 # The sample section's keys from before `sample.options`, kept working: config key ->
@@ -92,14 +94,19 @@ def sampler_options(sample: ml_collections.ConfigDict, name: str) -> dict:
 
 def make_sample_fn(denoiser_fn: Callable[..., Denoiser], *, image_shape: tuple,
                    num_classes: int, sampler: str, num_steps: int, batch_size: int, mesh,
-                   options: dict) -> Callable:
+                   options: dict, prompt_tokens: Optional[np.ndarray] = None,
+                   encode_fn: Optional[Callable] = None) -> Callable:
     """Returns a jitted fn(params, key, sample_offset, guidance, x_init=None, mask=None)
     -> x0 [batch, H, W, C].
 
     denoiser_fn(params) -> Denoiser (see diffusion.objectives).
 
     Class-conditional models sample label (offset + i) % num_classes for sample i, with
-    classifier-free guidance weight `guidance` (1 = purely conditional). x_init [batch,
+    classifier-free guidance weight `guidance` (1 = purely conditional). A text model
+    samples prompt (offset + i) % P of prompt_tokens int32 [P, 2, L] (prompt and
+    negative prompt ids; diffusion.text.prompts.prompt_pairs), which
+    encode_fn(params, tokens [batch, 2, L]) turns into the Denoiser's condition y, once
+    per call; guided from the negative prompt with weight `guidance`. x_init [batch,
     H, W, C] (image-to-image with options["strength"] < 1, or the known image) and mask
     [1 or batch, H, W, 1 or C] (inpainting, 1 = keep) are optional.
     """
@@ -113,6 +120,9 @@ def make_sample_fn(denoiser_fn: Callable[..., Denoiser], *, image_shape: tuple,
         if num_classes > 0:
             y = (sample_offset + jnp.arange(batch_size, dtype=jnp.int32)) % num_classes
             w = guidance
+        if prompt_tokens is not None:
+            rows = (sample_offset + jnp.arange(batch_size)) % len(prompt_tokens)
+            y, w = encode_fn(params, jnp.asarray(prompt_tokens)[rows]), guidance
         extra = {}
         if x_init is not None:
             extra["x_init"] = x_init
@@ -122,6 +132,31 @@ def make_sample_fn(denoiser_fn: Callable[..., Denoiser], *, image_shape: tuple,
                       sample_offset=sample_offset, **extra, **options)
 
     return jax.jit(fn, out_shardings=parallel.data_sharded(mesh))
+
+
+def config_prompts(sample: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+    """(prompts, one negative prompt each) of a config's sample section for a
+    text-conditional run: sample.prompt ("|"-separated) or sample.prompts_file, the
+    empty prompt when neither is set; sample.negative_prompt ("" = the empty prompt)."""
+    try:
+        prompts = text_prompts.prompts_from(sample.get("prompt", ""),
+                                            sample.get("prompts_file", "")) or [""]
+        return prompts, text_prompts.negatives_for(sample.get("negative_prompt", ""),
+                                                   len(prompts))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def prompt_inputs(model, config: ml_collections.ConfigDict) -> dict:
+    """make_sample_fn's prompt_tokens and encode_fn for a text-conditional `model`
+    (the prompts of config.sample, tokenized as model.text.tokenizer says); {} for any
+    other model."""
+    if not isinstance(model, TextConditional):
+        return {}
+    prompts, negatives = config_prompts(config.sample)
+    tokenizer = load_tokenizer(str(config.model.text.tokenizer))
+    return dict(prompt_tokens=text_prompts.prompt_pairs(tokenizer, prompts, negatives),
+                encode_fn=lambda params, tokens: encode_prompts(model, params, tokens))
 
 
 def batch_rows(a: Optional[np.ndarray], offset: int, batch_size: int) -> Optional[np.ndarray]:

@@ -8,8 +8,9 @@ same abstract state is the checkpoint restore target.
 
 Every train step (diffusion, EDM, consistency CT / CD, the VAE) ends in
 `apply_gradients`: one optimizer update and the EMA of the parameters, with the same
-warm-up rule. Class labels are dropped for classifier-free guidance by `drop_labels`,
-and the per-example losses are reported in NUM_LOSS_BUCKETS noise-level buckets.
+warm-up rule. Class labels (or captions) are dropped for classifier-free guidance by
+`drop_labels`, and the per-example losses are reported in NUM_LOSS_BUCKETS noise-level
+buckets.
 """
 from __future__ import annotations
 
@@ -54,14 +55,20 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> 
     return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), after], [warmup])
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
-    """AdamW with warm-up and decay, after global-norm gradient clipping."""
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int,
+                   frozen: tuple[str, ...] = ()):
+    """AdamW with warm-up and decay, after global-norm gradient clipping. frozen: names
+    of top-level parameter subtrees (e.g. "text", a frozen text encoder) whose updates
+    are zero, so neither the gradients nor AdamW's weight decay move them."""
     lr = learning_rate_schedule(optim, num_steps)
     parts = []
     if optim.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(optim.grad_clip))
     parts.append(optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                              weight_decay=optim.weight_decay))
+    if frozen:
+        parts.append(optax.masked(optax.set_to_zero(),
+                                  lambda params: {k: k in frozen for k in params}))
     return optax.chain(*parts), lr
 
 
@@ -107,11 +114,16 @@ def loss_buckets(per_example: jnp.ndarray, u: jnp.ndarray) -> dict:
     return {f"loss_t{b}": means[b] for b in range(NUM_LOSS_BUCKETS)}
 
 
-def drop_labels(key: jax.Array, y: jnp.ndarray, p: float) -> jnp.ndarray:
-    """Replaces each label by the null label (-1) with probability p (for CFG)."""
+def drop_labels(key: jax.Array, y: jnp.ndarray, p: float, null: Any = -1) -> jnp.ndarray:
+    """Replaces each row of y by `null` with probability p, for classifier-free guidance:
+    labels y [B] by the null label -1, or captions y [B, L] (token ids) by the empty
+    prompt's ids null [L] ("caption dropout"). Row b is dropped where
+    uniform(key, [B])[b] < p, so labels and captions drop alike for one key."""
     if p <= 0:
         return y
-    return jnp.where(jax.random.uniform(key, y.shape) < p, -1, y)
+    drop = jax.random.uniform(key, y.shape[:1]) < p
+    return jnp.where(drop.reshape(drop.shape + (1,) * (y.ndim - 1)),
+                     jnp.asarray(null, y.dtype), y)
 
 
 def init_state(model, tx: optax.GradientTransformation, key: jax.Array, image_shape: tuple,

@@ -15,9 +15,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOOLS = ["diffusion.evaluation.fid", "diffusion.evaluation.train_classifier",
          "diffusion.evaluation.convert_inception", "diffusion.data.prepare",
          "diffusion.autoencoder.encode", "diffusion.autoencoder.evaluate",
+         "diffusion.reflow_pairs",
          "experiments.throughput.run", "experiments.throughput.compile_time",
          "experiments.cpu_devices.run", "experiments.input_pipeline.run",
-         "experiments.sampler_benchmark.run", "experiments.sampler_benchmark.fid_table"]
+         "experiments.sampler_benchmark.run", "experiments.sampler_benchmark.fid_table",
+         "experiments.text_to_image.run"]
 
 
 def test_parse_starts_every_call_from_the_defaults():

@@ -4,7 +4,10 @@ Networks take explicit hyperparameters; `build_model` is the one place that read
 `model` section of a config. MODELS is the explicit registry of networks (denoisers,
 and "vae", the KL autoencoder that train.objective "vae" trains): model.name -> a builder
 that reads that network's own section (model.unet, model.dit, model.vae). `init_params`
-builds the parameters of any of them, calling each with its own signature.
+builds the parameters of any of them, calling each with its own signature. With
+model.text.enabled the denoiser is built with cross-attention (context_dim = the text
+width) and wrapped with its text encoder (text_conditional.TextConditional), which takes
+the captions' token ids where a class-conditional network takes labels.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import ml_collections
 
 from diffusion.config_file import ConfigError
 from diffusion.models.dit import DiT, dit_variant, scan_blocks_for
+from diffusion.models.text_conditional import TextConditional, is_text_section, with_text
 from diffusion.models.unet import UNet
 from diffusion.models.vae import AutoencoderKL
 
@@ -57,6 +61,11 @@ def _attention(model: ml_collections.ConfigDict) -> str | None:
     return attention_implementation(model.get("attention_impl", ""), model.dtype)
 
 
+def _context_dim(model: ml_collections.ConfigDict) -> int:
+    """Width of the text tokens the denoiser cross-attends to; 0 = no text."""
+    return int(model.text.width) if is_text_section(model) else 0
+
+
 def _check_unet_levels(unet: ml_collections.ConfigDict, size: int) -> None:
     """Every U-Net attention resolution must be a level the network reaches for
     size x size images (otherwise those layers silently vanish)."""
@@ -83,7 +92,7 @@ def build_unet(model: ml_collections.ConfigDict, image_shape: tuple, num_classes
     _check_unet_levels(model.unet, int(image_shape[0]))
     return UNet(**model.unet.to_dict(), out_channels=_out_channels(image_shape, learned_sigma),
                 num_classes=num_classes, remat=model.remat, dtype=DTYPES[model.dtype],
-                attn_implementation=_attention(model))
+                attn_implementation=_attention(model), context_dim=_context_dim(model))
 
 
 def build_dit(model: ml_collections.ConfigDict, image_shape: tuple, num_classes: int,
@@ -101,17 +110,17 @@ def build_dit(model: ml_collections.ConfigDict, image_shape: tuple, num_classes:
     scan = scan_blocks_for(model.dit.get("scan_blocks", "off"), arch["depth"])
     return DiT(input_size=h, in_channels=c, num_classes=num_classes, learn_sigma=learned_sigma,
                remat=model.remat, scan_blocks=scan, dtype=DTYPES[model.dtype],
-               attention_impl=_attention(model), **arch)
+               attention_impl=_attention(model), context_dim=_context_dim(model), **arch)
 
 
 def build_vae(model: ml_collections.ConfigDict, image_shape: tuple, num_classes: int,
               learned_sigma: bool) -> AutoencoderKL:
     """The KL autoencoder of model.vae (train.objective "vae"), channels from the data;
     its attention is its own (diffusers')."""
-    if learned_sigma or num_classes > 0:
+    if learned_sigma or num_classes > 0 or is_text_section(model):
         raise ValueError("model 'vae' (the KL autoencoder) is unconditional and has no "
-                         "variance output: set conditioning.num_classes=0 and "
-                         "diffusion.learned_sigma=False")
+                         "variance output: set conditioning.num_classes=0, "
+                         "model.text.enabled=False and diffusion.learned_sigma=False")
     v, c = model.vae, image_shape[2]
     return AutoencoderKL(
         in_channels=c, out_channels=c, latent_channels=v.latent_channels,
@@ -138,16 +147,25 @@ def build_model(model: ml_collections.ConfigDict, image_shape: tuple, num_classe
     if model.dtype not in DTYPES:
         raise ValueError(f"unknown model.dtype {model.dtype!r}; known: {sorted(DTYPES)}")
     _attention(model)  # a bad value fails for every model, with the key named
-    return MODELS[model.name](model, tuple(image_shape), num_classes, learned_sigma)
+    net = MODELS[model.name](model, tuple(image_shape), num_classes, learned_sigma)
+    if not is_text_section(model):
+        return net
+    if num_classes > 0:
+        raise ValueError("a text-conditional model (model.text.enabled) conditions on "
+                         "captions alone: set conditioning.num_classes=0")
+    return with_text(net, model.text, DTYPES[model.dtype])
 
 
 def init_params(model, key: jax.Array, image_shape: tuple, num_classes: int):
     """Parameters of a network of MODELS for images of `image_shape` (H, W, C), from a
     batch of one; call under jit or jax.eval_shape. A denoiser is called as
-    model(x, t, y, train=False) (y only for num_classes > 0), the autoencoder as model(x)."""
+    model(x, t, y, train=False) (y only for num_classes > 0; token ids [1, L] for a
+    text-conditional model), the autoencoder as model(x)."""
     x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     if isinstance(model, AutoencoderKL):
         return model.init({"params": key}, x)["params"]
     t = jnp.zeros((1,), jnp.float32)
     y = jnp.zeros((1,), jnp.int32) if num_classes > 0 else None
+    if isinstance(model, TextConditional):
+        y = jnp.zeros((1, model.max_length), jnp.int32)
     return model.init({"params": key}, x, t, y, train=False)["params"]

@@ -4,17 +4,23 @@ The train step is a pure function (state, batch) -> (state, metrics), compiled o
 the loop with shardings and the state donated. Randomness comes from
 fold_in(state.rng, step), so a run is reproducible and resumes bit-for-bit, and the
 values drawn do not depend on how the batch is split across devices.
+
+A text-conditional model (models.text_conditional) takes the batch's caption token ids
+as its y, each replaced by the empty prompt's with probability caption_dropout; its
+Denoiser reads the condition of `encode_prompts` and guides from the negative prompt.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from diffusion import losses
 from diffusion.denoiser import Denoiser
+from diffusion.models.text_conditional import TextConditional, denoise_fn, negative_condition
 from diffusion.objectives.base import Objective, unchanged
 from diffusion.samplers.options import with_dynamic_thresholding
 from diffusion.schedules import Schedule
@@ -26,14 +32,20 @@ def make_train_step(model, schedule: Schedule, tx: optax.GradientTransformation,
                     lr_fn: optax.Schedule, *, pred_type: str, weighting: str,
                     min_snr_gamma: float, time_sampling: str, discrete_time: bool,
                     learned_sigma: bool, vlb_weight: float, num_classes: int,
-                    label_dropout: float, ema_rate: float, ema_warmup: bool) -> Callable:
-    """Builds train_step(state, batch) for batch = dict(image [B,H,W,C], label [B])."""
+                    label_dropout: float, ema_rate: float, ema_warmup: bool,
+                    null_tokens: Optional[np.ndarray] = None,
+                    caption_dropout: float = 0.0) -> Callable:
+    """Builds train_step(state, batch) for batch = dict(image [B,H,W,C], label [B]),
+    plus tokens [B, L] for a text-conditional model (null_tokens [L]: the empty
+    prompt's ids, which replace a caption with probability caption_dropout)."""
 
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(state.rng, state.step)
         k_loss, k_drop, k_label = jax.random.split(key, 3)
         x0 = batch["image"]
         y = drop_labels(k_label, batch["label"], label_dropout) if num_classes > 0 else None
+        if null_tokens is not None:
+            y = drop_labels(k_label, batch["tokens"], caption_dropout, null_tokens)
 
         def loss_fn(params):
             def net_fn(x_t, c_noise):
@@ -57,13 +69,16 @@ def make_train_step(model, schedule: Schedule, tx: optax.GradientTransformation,
 
 def _make_step(run) -> Callable:
     c = run.config
+    text = isinstance(run.model, TextConditional)
     return make_train_step(
         run.model, run.schedule, run.tx, run.lr_fn, pred_type=c.diffusion.pred_type,
         weighting=c.diffusion.weighting, min_snr_gamma=c.diffusion.min_snr_gamma,
         time_sampling=c.diffusion.time_sampling, discrete_time=c.diffusion.discrete_time,
         learned_sigma=c.diffusion.learned_sigma, vlb_weight=c.diffusion.vlb_weight,
         num_classes=run.num_classes, label_dropout=c.conditioning.label_dropout,
-        ema_rate=c.ema.decay, ema_warmup=c.ema.warmup)
+        ema_rate=c.ema.decay, ema_warmup=c.ema.warmup,
+        null_tokens=run.source.null_tokens if text else None,
+        caption_dropout=float(c.conditioning.get("caption_dropout", 0.0)))
 
 
 def diffusion_denoiser(run, params) -> Denoiser:
@@ -72,6 +87,9 @@ def diffusion_denoiser(run, params) -> Denoiser:
 
     def net_fn(x, c_noise, y):
         return run.model.apply({"params": params}, x, c_noise, y, train=False)
+    uncond_fn = None
+    if isinstance(run.model, TextConditional):  # y: a condition of encode_prompts
+        net_fn, uncond_fn = denoise_fn(run.model, params), negative_condition
     clip = c.sample.clip_x0 if c.sample.clip_x0 > 0 else None
     # Official DiT guides 3 of its 4 latent channels (sample.guidance_channels=3).
     channels = int(c.sample.get("guidance_channels", 0))
@@ -79,7 +97,7 @@ def diffusion_denoiser(run, params) -> Denoiser:
         raise ValueError(f"sample.guidance_channels must be >= 0 (0 = all channels), "
                          f"got {channels}")
     denoiser = Denoiser(net_fn, run.schedule, c.diffusion.pred_type,
-                        c.diffusion.learned_sigma, clip, channels or None)
+                        c.diffusion.learned_sigma, clip, channels or None, uncond_fn)
     if c.sample.dynamic_threshold > 0:
         denoiser = with_dynamic_thresholding(denoiser, c.sample.dynamic_threshold)
     return denoiser

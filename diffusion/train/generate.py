@@ -5,7 +5,11 @@ params alone, no dataset, optimizer state or teacher) and sampled with the sampl
 of the command line. It writes a PNG grid and an `.npz` into the workdir in the layout
 of ADM's evaluator and DiT's sample_ddp.py: `arr_0` uint8 [N, H, W, C] in the images'
 own channels, `arr_1` labels [N] for class-conditional runs
-(diffusion.evaluation.sample_files).
+(diffusion.evaluation.sample_files). A text-conditional run draws sample.num_samples
+images for each prompt of sample.prompt / sample.prompts_file (sample.negative_prompt
+the unconditional branch of guidance, weight sample.guidance_scale), as a Stable
+Diffusion folder does: prompt-major, one grid row per prompt; `.prompts.txt` beside the
+`.npz` lists the rows (prompt, a tab, its negative prompt).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffusion import images, pretrained, samplers
+from diffusion import images, pretrained, samplers, sampling
 from diffusion.evaluation.sample_files import save_samples
 from diffusion.train import init_images, validate
 from diffusion.train.run_config import sample_config
@@ -50,8 +54,12 @@ def sample_from_workdir(config: Optional[ml_collections.ConfigDict], workdir: st
     # left where it is: sampling never changes a run's checkpoints).
     pipe = pipe.restore()
     s = config.sample
-    x = pipe.sample(s.sampler, int(s.num_steps), int(s.num_samples), seed=int(s.seed),
-                    batch_size=int(s.batch_size), x_init=x_init, mask=mask)
+    text, num = {}, int(s.num_samples)
+    if pipe.is_text:
+        prompts, negatives = sampling.config_prompts(s)
+        text = dict(prompt=prompts, negative_prompt=negatives)  # num images per prompt
+    x = pipe.sample(s.sampler, int(s.num_steps), num, seed=int(s.seed),
+                    batch_size=int(s.batch_size), x_init=x_init, mask=mask, **text)
     labels = np.arange(s.num_samples) % pipe.num_classes if pipe.num_classes else None
     name = (f"samples_{samplers.canonical_name(s.sampler)}_{s.num_steps}steps_"
             f"step{pipe.step}")
@@ -59,6 +67,9 @@ def sample_from_workdir(config: Optional[ml_collections.ConfigDict], workdir: st
     if jax.process_index() == 0:
         u8 = np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
         save_samples(out + ".npz", u8, labels)
-        images.save_png(out + ".png", images.make_grid(x))
+        images.save_png(out + ".png", images.make_grid(x, num if text else None))
+        if text:
+            with open(out + ".prompts.txt", "w", encoding="utf-8") as f:
+                f.writelines(f"{p}\t{n}\n" for p, n in zip(prompts, negatives))
         log.info("wrote %s.npz and .png", out)
     return out + ".npz"

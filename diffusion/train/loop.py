@@ -31,6 +31,7 @@ from diffusion.autoencoder.sample_decoding import decoding_sample_fn
 from diffusion.config_file import write_config
 from diffusion.data import BatchIterator
 from diffusion.io_errors import guard
+from diffusion.models.text_conditional import TextConditional
 from diffusion.train import profiling
 from diffusion.train.evaluator import make_evaluator
 from diffusion.train.setup import Run, build_run
@@ -117,7 +118,8 @@ def sample_fn_for(run: Run, sampler: str, num_steps: int, batch_size: int):
         lambda params: run.objective.denoiser(run, params), image_shape=run.image_shape,
         num_classes=run.num_classes, sampler=sampler, num_steps=num_steps,
         batch_size=batch_size, mesh=run.mesh,
-        options=sampling.sampler_options(run.config.sample, sampler))
+        options=sampling.sampler_options(run.config.sample, sampler),
+        **sampling.prompt_inputs(run.model, run.config))  # a text run: sample.prompt
     return decoding_sample_fn(run, fn)
 
 
@@ -210,21 +212,26 @@ def _save(run: Run, state, step: int, data_step: int, first_bad) -> None:
 
 def _write_samples(run: Run, writer: MetricWriter, sample_fn, sample_bs: int, state,
                    step: int) -> None:
-    """Sample grids from the EMA and raw params, or the objective's own images."""
+    """Sample grids from the EMA and raw params, or the objective's own images (a
+    text run: sample.num_samples per prompt, sample i of prompt i % P)."""
     c = run.config
     visualize = getattr(run.objective, "visualize", None)
+    num_prompts = 0
+    if visualize is None and isinstance(run.model, TextConditional):
+        num_prompts = len(sampling.config_prompts(c.sample)[0])
     if visualize is not None:
         pictures = visualize(run, state)
     else:
         key = jax.random.key(c.sample.seed)
-        pictures = {tag: sampling.generate(sample_fn, params, key, c.sample.num_samples,
-                                           sample_bs, c.sample.guidance_scale)
+        num = c.sample.num_samples * max(num_prompts, 1)
+        pictures = {tag: sampling.generate(sample_fn, params, key, num, sample_bs,
+                                           c.sample.guidance_scale)
                     for tag, params in (("samples_ema", state.ema_params),
                                         ("samples_raw", state.params))}
-    k = run.num_classes if visualize is None else 0  # sample i has label i % k
+    k = (run.num_classes or num_prompts) if visualize is None else 0  # label/prompt i % k
     for tag, x in pictures.items():
         nrow = None
-        if k and np.ndim(x) == 4 and len(x) % k == 0:  # one row per class
+        if k and np.ndim(x) == 4 and len(x) % k == 0:  # one row per class / prompt
             x, nrow = x[np.argsort(np.arange(len(x)) % k, kind="stable")], len(x) // k
         grid = images.make_grid(x, nrow) if np.ndim(x) == 4 else x
         writer.write_images(step, {tag: grid})

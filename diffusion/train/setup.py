@@ -20,6 +20,7 @@ from diffusion.checkpointing import Checkpointer
 from diffusion.config_file import read_run_config
 from diffusion.data import Source, make_source
 from diffusion.models import build_model
+from diffusion.models import text_conditional
 from diffusion.objectives import get_objective
 from diffusion.objectives.consistency_config import section as consistency_section
 from diffusion.schedules import Schedule, make_schedule
@@ -61,7 +62,9 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     validate.check_config(config, mesh.devices.size)  # first: one line naming the key
     # A trained workdir's config.json fixes the model: refuse another before writing.
     run_config.check_workdir(config, workdir)
-    source = make_source(config.data.source, config.data.split, config.data.data_dir or None)
+    source = make_source(config.data.source, config.data.split, config.data.data_dir or None,
+                         **text_conditional.source_options(config.model))
+    text_conditional.check_caption_source(config.model, source, config.data.source)
     image_shape = image_shape_of(config, source)
     num_classes = int(config.conditioning.num_classes)
     if num_classes > 0 and source.num_classes and num_classes != source.num_classes:
@@ -70,11 +73,15 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     schedule = make_schedule(config.diffusion.schedule, config.diffusion.T,
                              config.diffusion.zero_terminal_snr)
     model = build_model(config.model, image_shape, num_classes, config.diffusion.learned_sigma)
-    tx, lr_fn = make_optimizer(config.optim, config.train.num_steps)
+    tx, lr_fn = make_optimizer(config.optim, config.train.num_steps,
+                               text_conditional.frozen_subtrees(config.model))
     objective = get_objective(config.train.objective)
     teacher = None
     if objective.teacher:
         teacher = load_teacher(config, image_shape, list(mesh.devices.flat))
+    elif objective.init_from is not None and objective.init_from(config):
+        teacher = load_teacher(config, image_shape, list(mesh.devices.flat),
+                               objective.init_from(config))
     run = Run(config, workdir, mesh, source, image_shape, num_classes, schedule, model, tx,
               lr_fn, None, objective, None, None, None, teacher)
 
@@ -99,12 +106,14 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
 
 
 def load_teacher(config: ml_collections.ConfigDict, image_shape: tuple,
-                 devices) -> pretrained.Pipeline:
-    """The run in consistency.teacher_workdir, built by shape from its config.json over
+                 devices, workdir: str = "") -> pretrained.Pipeline:
+    """The run in `workdir` (default consistency.teacher_workdir; an objective's
+    `init_from`), built by shape from its config.json over
     `devices` (its EMA params are restored by the objective's `prepare` on a fresh run;
     a resumed run finds them in its own checkpoint). A teacher whose config does not
     tell its image shape (a `tfds:` source) is built for the student's `image_shape`."""
-    workdir = consistency_section(config).teacher_workdir
+    named = "consistency.teacher_workdir={!r}" if not workdir else "the run to start from ({!r})"
+    workdir = workdir or consistency_section(config).teacher_workdir
     if not workdir:
         raise ValueError(
             "consistency.teacher_workdir is empty: consistency distillation needs a teacher "
@@ -114,7 +123,7 @@ def load_teacher(config: ml_collections.ConfigDict, image_shape: tuple,
     workdir = os.path.abspath(workdir)
     if not os.path.exists(os.path.join(workdir, "config.json")):
         raise FileNotFoundError(
-            f"consistency.teacher_workdir={workdir!r} holds no config.json: is it the "
+            f"{named.format(workdir)} holds no config.json: is it the "
             "workdir of a finished training run of this codebase?")
     h, _, c = pretrained.config_image_shape(read_run_config(workdir), workdir)
     shape = None if (h is not None and c is not None) else image_shape

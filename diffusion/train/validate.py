@@ -16,6 +16,10 @@ from diffusion.models import attention_implementation
 from diffusion.train.profiling import parse_profile_steps
 
 
+# Objectives whose train step feeds a text-conditional model its captions.
+TEXT_OBJECTIVES = ("diffusion",)
+
+
 def _positive_int(c: ml_collections.ConfigDict, key: str) -> None:
     v = _get(c, key)
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -60,6 +64,11 @@ def check_config(c: ml_collections.ConfigDict, num_devices: int) -> None:
     if c.data.image_size < 0:
         raise ConfigError(f"data.image_size must be >= 0 (0 = the dataset's size), "
                           f"got {c.data.image_size!r}")
+    text = c.model.get("text")
+    if text is not None and text.get("enabled", False) and c.train.objective not in (
+            TEXT_OBJECTIVES):
+        raise ConfigError(f"model.text.enabled: train.objective {c.train.objective!r} does "
+                          f"not train text-conditional models; use one of {TEXT_OBJECTIVES}")
     if c.train.sample_every or c.train.eval_every:
         _positive_int(c, "sample.num_samples")
         _positive_int(c, "sample.batch_size")

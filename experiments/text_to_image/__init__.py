@@ -1,0 +1,1 @@
+"""Text-to-image on Fashion-MNIST: class, attribute and negative prompts, guidance sweep."""

@@ -1,0 +1,243 @@
+"""Training and sampling with text prompts: caption dropout, a frozen encoder, prompt
+parsing, and a tiny text run (configs/text_fashion_mnist.py:runlocal on a fixture
+Fashion-MNIST) that trains, resumes exactly, and samples prompts through
+`diffusion.load`, `--mode sample` and the text-to-image experiment."""
+import csv
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from PIL import Image
+
+import diffusion
+from configs.text_fashion_mnist import get_config
+from diffusion import data
+from diffusion.config_file import ConfigError
+from diffusion.data import captions
+from diffusion.models import text_conditional
+from diffusion.text import prompts as text_prompts
+from diffusion.train import loop
+from diffusion.train.generate import sample_from_workdir
+from diffusion.train.setup import build_run
+from diffusion.train_state import drop_labels, make_optimizer
+from experiments.text_to_image import prompts as study_prompts
+from experiments.text_to_image import run as study
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+PROMPTS = ["a photo of a sneaker", "a photo of a bag"]
+
+
+# ---- caption dropout, frozen encoder, prompts: no network ------------------------------
+
+def test_caption_dropout_replaces_exactly_the_chosen_rows_with_the_empty_prompt():
+    tokens = jnp.arange(16 * 77, dtype=jnp.int32).reshape(16, 77) % 600
+    null = jnp.asarray(captions.demo_tokenizer()("").input_ids[0])
+    key = jax.random.key(3)
+    out = np.asarray(drop_labels(key, tokens, 0.5, null))
+    chosen = np.asarray(jax.random.uniform(key, (16,)) < 0.5)
+    assert 0 < chosen.sum() < 16
+    np.testing.assert_array_equal(out[chosen], np.broadcast_to(null, (chosen.sum(), 77)))
+    np.testing.assert_array_equal(out[~chosen], np.asarray(tokens)[~chosen])
+    np.testing.assert_array_equal(out, drop_labels(key, tokens, 0.5, null))  # deterministic
+    assert not np.array_equal(out, drop_labels(jax.random.key(4), tokens, 0.5, null))
+    # Labels drop the same rows for the same key, to the null label -1.
+    labels = np.asarray(drop_labels(key, jnp.arange(16), 0.5))
+    np.testing.assert_array_equal(labels == -1, chosen)
+    assert drop_labels(key, tokens, 0.0, null) is tokens
+
+
+def test_frozen_subtree_moves_neither_by_gradient_nor_by_weight_decay():
+    optim = get_config().optim
+    optim.weight_decay, optim.warmup_steps = 0.1, 0
+    tx, _ = make_optimizer(optim, 10, frozen=("text",))
+    params = {"denoiser": {"w": jnp.ones(3)}, "text": {"w": jnp.ones(3)}}
+    grads = {"denoiser": {"w": jnp.ones(3)}, "text": {"w": jnp.ones(3)}}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(new["text"]["w"], params["text"]["w"])
+    assert np.all(np.asarray(new["denoiser"]["w"]) < 1.0)
+    c = get_config("runlocal")
+    assert text_conditional.frozen_subtrees(c.model) == ()
+    c.model.text.train_encoder = False
+    assert text_conditional.frozen_subtrees(c.model) == ("text",)
+
+
+def test_prompts_from_strings_files_and_negatives(tmp_path):
+    assert text_prompts.prompts_from("a bag | a dark sneaker") == ["a bag", "a dark sneaker"]
+    assert text_prompts.prompts_from("") == []
+    path = tmp_path / "prompts.txt"
+    path.write_text("a bag\n\n a coat \n")
+    assert text_prompts.prompts_from(prompts_file=str(path)) == ["a bag", "a coat"]
+    with pytest.raises(ValueError, match="either sample.prompt or sample.prompts_file"):
+        text_prompts.prompts_from("a bag", str(path))
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        text_prompts.prompts_from(prompts_file=str(tmp_path / "nope.txt"))
+    assert text_prompts.negatives_for(None, 2) == ["", ""]
+    assert text_prompts.negatives_for("sneaker", 2) == ["sneaker", "sneaker"]
+    assert text_prompts.negatives_for("x|y", 2) == ["x", "y"]
+    with pytest.raises(ValueError, match="3 negative prompts for 2 prompts"):
+        text_prompts.negatives_for(["x", "y", "z"], 2)
+    tok = captions.demo_tokenizer()
+    pairs = text_prompts.prompt_pairs(tok, PROMPTS, ["", "sneaker"])
+    assert pairs.shape == (2, 2, 77) and pairs.dtype == np.int32
+    np.testing.assert_array_equal(pairs[1, 1], tok("sneaker").input_ids[0])
+    np.testing.assert_array_equal(pairs[0, 1], tok("").input_ids[0])
+
+
+def test_study_scores_the_classes_a_prompt_names():
+    assert study_prompts.named_classes("a photo of a t-shirt") == {0}
+    assert study_prompts.named_classes("a photo of a shirt") == {6}
+    assert study_prompts.named_classes("a photo of an ankle boot") == {9}
+    assert study_prompts.target_classes("footwear") == {5, 7, 9}
+    assert study_prompts.target_classes("footwear", "sneaker") == {5, 9}
+    assert study_prompts.tone_prompts(7) == ("a photo of a dark sneaker",
+                                             "a photo of a light sneaker")
+
+
+# ---- a tiny text run --------------------------------------------------------------------
+
+def _square(level: int, side: int) -> np.ndarray:
+    image = np.zeros((28, 28), np.uint8)
+    top = (28 - side) // 2
+    image[top:top + side, top:top + side] = level
+    return image
+
+
+@pytest.fixture(scope="module")
+def fmnist_dir(tmp_path_factory):
+    """IDX files like Fashion-MNIST's: 40 train and 20 test images of squares."""
+    root = tmp_path_factory.mktemp("fmnist")
+    combos = [(100, 10), (100, 24), (250, 10), (250, 24)]
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        images = np.stack([_square(*combos[(i // 10) % 4]) for i in range(n)])
+        data.write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        data.write_idx(root / f"{prefix}-labels-idx1-ubyte.gz",
+                       (np.arange(n) % 10).astype(np.uint8))
+    return str(root)
+
+
+def _config(fmnist_dir):
+    c = get_config("runlocal")
+    c.data.data_dir = fmnist_dir
+    return c
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, fmnist_dir):
+    workdir = str(tmp_path_factory.mktemp("text_run") / "run")
+    loop.train_and_evaluate(_config(fmnist_dir), workdir)
+    return workdir
+
+
+def test_text_run_trains_writes_one_grid_row_per_prompt_and_resumes_exactly(
+        trained, fmnist_dir, tmp_path):
+    full = trained
+    assert sorted(int(d) for d in os.listdir(os.path.join(full, "checkpoints"))
+                  if d.isdigit()) == [2, 4]
+    grid = np.asarray(Image.open(os.path.join(full, "samples", "samples_ema_0000004.png")))
+    assert grid.shape[:2] == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)  # 2 prompts x 2 samples
+    with open(os.path.join(full, "metrics.jsonl")) as f:
+        expected = {r["step"]: r["loss"] for r in map(json.loads, f)}
+    cut = str(tmp_path / "cut")
+    shutil.copytree(full, cut)
+    shutil.rmtree(os.path.join(cut, "checkpoints", "4"))
+    os.remove(os.path.join(cut, "metrics.jsonl"))
+    c = _config(fmnist_dir)
+    c.train.sample_every = 0
+    resumed = loop.train_and_evaluate(c, cut)
+    assert resumed["step"] == 4
+    assert resumed["loss"] == pytest.approx(expected[4], rel=1e-6)
+
+
+def test_text_run_needs_captions_and_the_diffusion_objective(tmp_path, fmnist_dir):
+    c = _config(fmnist_dir)
+    c.data.source = "fashion_mnist_idx"
+    with pytest.raises(ConfigError, match="needs a captioned data source"):
+        build_run(c, str(tmp_path / "a"))
+    c = _config(fmnist_dir)
+    c.train.objective = "edm"
+    with pytest.raises(ConfigError, match="does not train text-conditional models"):
+        build_run(c, str(tmp_path / "b"))
+    c = _config(fmnist_dir)
+    c.model.text.cache_embeddings = True
+    with pytest.raises(ConfigError, match="cache_embeddings=True is not supported"):
+        build_run(c, str(tmp_path / "c"))
+
+
+def _sample(pipe, **kw):
+    kw = dict(dict(num=2, prompt=PROMPTS, guidance=3.0, seed=1), **kw)
+    return pipe.sample("ddim", 2, **kw)
+
+
+def test_load_samples_prompts_alike_on_one_and_eight_devices(trained):
+    x8 = _sample(diffusion.load(trained), negative_prompt="a bag")
+    x1 = _sample(diffusion.load(trained, devices=jax.devices()[:1]), negative_prompt="a bag")
+    assert x8.shape == (4, 8, 8, 1) and np.all(np.abs(x8) <= 1)
+    np.testing.assert_allclose(x8, x1, atol=1e-5)
+    with pytest.raises(ValueError, match="labels need a class-conditional run"):
+        diffusion.load(trained).sample("ddim", 2, num=2, labels=[0, 1])
+
+
+def test_negative_prompt_is_the_unconditional_branch_and_w1_ignores_it(trained):
+    pipe = diffusion.load(trained)
+    # After 4 steps the zero-initialised cross-attention outputs are still ~0: perturb
+    # every parameter so that the prompts matter to the network.
+    leaves, tree = jax.tree.flatten(pipe.params)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    noisy = [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+    pipe = dataclasses.replace(pipe, params=jax.tree.unflatten(tree, noisy), _fns={})
+    plain = _sample(pipe)
+    negative = _sample(pipe, negative_prompt="a photo of a sneaker")
+    assert np.abs(plain - negative).max() > 1e-3
+    # The empty negative prompt is the default unconditional branch.
+    np.testing.assert_array_equal(plain, _sample(pipe, negative_prompt=""))
+    # w = 1: the conditional pass alone, whatever the negative prompt.
+    np.testing.assert_array_equal(_sample(pipe, guidance=1.0),
+                                  _sample(pipe, guidance=1.0, negative_prompt="a bag"))
+    assert not np.array_equal(_sample(pipe, guidance=1.0), plain)
+
+
+def test_sample_mode_writes_one_row_per_prompt(trained, fmnist_dir):
+    c = _config(fmnist_dir)
+    c.sample.update(prompt="|".join(PROMPTS), negative_prompt="a bag", num_samples=2,
+                    num_steps=2, guidance_scale=3.0)
+    path = sample_from_workdir(c, trained, overrides=["sample.prompt"])
+    x = np.load(path)["arr_0"]
+    assert x.shape == (4, 8, 8, 1) and x.dtype == np.uint8
+    grid = np.asarray(Image.open(path[:-4] + ".png"))
+    assert grid.shape[:2] == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)  # a row per prompt
+    with open(path[:-4] + ".prompts.txt") as f:
+        assert f.read().splitlines() == [f"{p}\ta bag" for p in PROMPTS]
+    pipe = diffusion.load(trained)  # the same images as the library call
+    x_lib = pipe.sample("ddim", 2, num=2, prompt=PROMPTS, negative_prompt="a bag",
+                        guidance=3.0, seed=0)
+    np.testing.assert_array_equal(x, np.round((x_lib + 1) * 127.5).astype(np.uint8))
+
+
+def test_text_to_image_study_runs_end_to_end(trained, fmnist_dir, tmp_path):
+    out = str(tmp_path / "study")
+    result = study.main(["run", f"--workdir={trained}", f"--out={out}", "--num=2",
+                         "--sweep=1,3", "--tone_classes=7", "--steps=2", "--batch_size=8",
+                         f"--reference_dir={fmnist_dir}"])
+    with open(os.path.join(out, "results.csv")) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["prompt", "negative_prompt", "guidance", "num_samples",
+                       "class_accuracy", "acc_lo", "acc_hi", "mean_brightness", "fid"]
+    assert len(rows) == 1 + 2 * 11 + 2 + 2  # 2 weights x (10 + pooled), tone, footwear
+    pooled = [r for r in rows[1:] if r[0] == study_prompts.ALL_CLASSES]
+    assert [r[2] for r in pooled] == ["1.0", "3.0"] and all(float(r[8]) > 0 for r in pooled)
+    assert ["footwear", "sneaker", "3.0", "2"] == [r for r in rows if r[1] == "sneaker"][0][:4]
+    for r in rows[1:]:
+        assert 0 <= float(r[5]) <= float(r[4]) <= float(r[6]) <= 1
+    assert set(result["sneakers"]) == {"", "sneaker"}
+    md = open(os.path.join(out, "results.md")).read()
+    assert "## Guidance sweep" in md and "n = 2 samples per prompt" in md
+    grid = np.asarray(Image.open(os.path.join(out, "grid.png")))
+    assert grid.shape[0] == 14 * 8 + 15 * 2  # 10 class + 2 tone + 2 footwear rows
