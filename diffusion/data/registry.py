@@ -14,6 +14,9 @@ Names:
   latents:<dir>            VAE latents written by `python -m diffusion.autoencoder.encode`
                            (a diffusion.data.latents.LatentSource: float32 scaled latents;
                            one split per directory, so `split` and `data_dir` are unused)
+  pairs:<file.npy>         (sample, noise) pairs of a flow model for reflow, written by
+                           `python -m diffusion.reflow_pairs` (diffusion.data.pairs);
+                           batches carry noise float32 [B, H, W, C] beside the images
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from typing import Any
 
 from diffusion.data.captioned import fashion_mnist_captions_source
 from diffusion.data.latents import LatentSource
+from diffusion.data.pairs import PairSource
 from diffusion.data.sources import Source, fashion_mnist_source, idx_source, synthetic_source
 
 KNOWN_SOURCES = ("fashion_mnist_idx", "fashion_mnist_captions", "idx",
-                 "synthetic[:HxWxC[:N]]", "tfds:<name>", "latents:<dir>")
+                 "synthetic[:HxWxC[:N]]", "tfds:<name>", "latents:<dir>", "pairs:<file.npy>")
 
 _SYNTHETIC = re.compile(r"synthetic(?::(\d+)x(\d+)x(\d+)(?::(\d+))?)?")
 
@@ -60,4 +64,6 @@ def make_source(name: str, split: str = "train", data_dir: str | None = None,
         return TfdsSource(name[len("tfds:"):], split, data_dir, **options)
     if name.startswith("latents:") and len(name) > len("latents:"):
         return LatentSource(name[len("latents:"):], **options)
+    if name.startswith("pairs:") and len(name) > len("pairs:"):
+        return PairSource(name[len("pairs:"):], **options)
     raise ValueError(f"unknown data source {name!r}; known: {', '.join(KNOWN_SOURCES)}")

@@ -11,7 +11,10 @@ An Objective bundles
                              instead of sample grids, e.g. a VAE's reconstructions;
   teacher                 whether the run needs a teacher: the layer above loads it
                              (`diffusion.load` of consistency.teacher_workdir, by shape)
-                             and hands it over as `run.teacher`.
+                             and hands it over as `run.teacher`;
+  init_from(config)       optional: a workdir ("" = none) that the layer above loads the
+                             same way as `run.teacher`, for `prepare` to start from
+                             (flow / reflow: flow.init_workdir).
 
 `run` is anything with the attributes an objective reads: the config, model, schedule,
 image_shape, num_classes and mesh (a train Run or a loaded Pipeline), plus tx, lr_fn,
@@ -30,6 +33,7 @@ class Objective(NamedTuple):
     denoiser: Callable
     visualize: Optional[Callable] = None
     teacher: bool = False
+    init_from: Optional[Callable] = None
 
 
 def unchanged(run, state):
