@@ -101,6 +101,23 @@ def test_study_scores_the_classes_a_prompt_names():
                                              "a photo of a light sneaker")
 
 
+def test_build_model_gives_unet_and_dit_a_text_encoder_of_the_configured_width():
+    from diffusion.models import DiT, UNet, build_model, init_params
+    c = get_config("runlocal").model
+    for name, kind in (("unet", UNet), ("dit", DiT)):
+        c.name = name
+        model = build_model(c, (8, 8, 1), 0)
+        assert isinstance(model, text_conditional.TextConditional)
+        assert isinstance(model.denoiser, kind) and model.denoiser.context_dim == 16
+        assert model.text_config.vocab_size == captions.demo_tokenizer().vocab_size
+        shapes = jax.eval_shape(lambda k: init_params(model, k, (8, 8, 1), 0),
+                                jax.random.key(0))
+        assert set(shapes) == {"denoiser", "text"}
+        assert shapes["text"]["embeddings"]["token_embedding"]["embedding"].shape == (637, 16)
+    with pytest.raises(ValueError, match="conditions on captions alone"):
+        build_model(c, (8, 8, 1), 10)
+
+
 # ---- a tiny text run --------------------------------------------------------------------
 
 def _square(level: int, side: int) -> np.ndarray:
