@@ -294,6 +294,14 @@ def test_sampler_end_times_are_found():
     assert sampler_end_time(dpm, SCHEDULE, denoise_to_zero=True) == 0.0
 
 
+@pytest.mark.parametrize("name", ["flow_euler", "flow_midpoint"])
+def test_samplers_stepping_in_t_end_at_zero_on_the_vp_table(name):
+    """Euler / midpoint in t end at t = 0 on any path; on the VP table sigma ~ sqrt(t)
+    makes them inexact on the point-mass probe (eps constant, x not linear in t), which
+    once read as an end at 9/T."""
+    assert sampler_end_time(samplers.get_sampler(name), SCHEDULE) == 0.0
+
+
 def test_ddim_is_first_order(order_problem):
     nfe, err = _errors("ddim", order_problem)
     assert abs(M.convergence_order(nfe, err) - 1.0) < 0.3, err
@@ -331,6 +339,14 @@ def test_benchmark_runner_writes_its_tables(tmp_path):
     assert all(r["rmse_ode"] == "" for r in rows if r["sampler"] == "ddpm")
     with pytest.raises(ValueError, match="unknown sampler"):
         run.main(["run", "--problem", "gaussian2d", "--samplers", "nope"])
+
+
+def test_benchmark_sampler_list_extends_all():
+    from experiments.sampler_benchmark.specs import parse_samplers
+    labels = [s.label for s in parse_samplers("all,flow_euler:shift=3.0,ddim")]
+    assert labels == list(samplers.SAMPLERS) + ["flow_euler:shift=3.0"]
+    spec = parse_samplers("flow_euler:shift=3.0")[0]
+    assert (spec.name, spec.options) == ("flow_euler", {"shift": 3.0})
 
 
 def test_benchmark_runs_on_the_flow_path_and_compares_it_with_vp(tmp_path):

@@ -186,10 +186,12 @@ def run_analytic(args, specs, nfes) -> tuple[list[dict], dict]:
                  **ref_row)]
 
     cm_denoiser = None
+    from_all = (set(samplers.SAMPLERS)
+                if "all" in (s.strip() for s in args.samplers.split(",")) else set())
     for spec, runs in _group_by_spec(sampler_runs(specs, nfes, schedule.T, schedule)):
         den = denoiser
         if spec.name in CONSISTENCY_SAMPLERS:
-            if args.samplers == "all" and gmm.num_components > 1 and gmm.dim > 64:
+            if spec.label in from_all and gmm.num_components > 1 and gmm.dim > 64:
                 print(f"  {spec.label}: skipped under --samplers all (its exact consistency "
                       f"model is an ODE solve per call, slow at D={gmm.dim}); name it to run")
                 continue

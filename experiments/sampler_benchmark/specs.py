@@ -20,11 +20,13 @@ class SamplerSpec:
 
 
 def parse_samplers(text: str) -> list[SamplerSpec]:
-    """'ddim,ddim:eta=1.0,ddpm' -> specs; 'all' -> every registered sampler."""
-    if text.strip() == "all":
-        return [SamplerSpec(n, n, {}) for n in samplers.SAMPLERS]
+    """'ddim,ddim:eta=1.0,ddpm' -> specs; the item 'all' stands for every registered
+    sampler with its default options ('all,flow_euler:shift=3.0' adds one more)."""
     specs = []
     for item in filter(None, (s.strip() for s in text.split(","))):
+        if item == "all":
+            specs += [SamplerSpec(n, n, {}) for n in samplers.SAMPLERS]
+            continue
         name, *opts = item.split(":")
         options = {}
         for opt in opts:
@@ -38,7 +40,10 @@ def parse_samplers(text: str) -> list[SamplerSpec]:
         specs.append(SamplerSpec(item, samplers.canonical_name(name), options))
     if not specs:
         raise ValueError("--samplers names no sampler")
-    return specs
+    unique = {}
+    for spec in specs:  # a label given twice ("all,ddim") runs once
+        unique.setdefault(spec.label, spec)
+    return list(unique.values())
 
 
 def parse_ints(text: str, what: str) -> list[int]:
