@@ -1,9 +1,13 @@
-"""Two processes on localhost (CPU, gloo collectives) train like one process."""
+"""Two processes on localhost (CPU, gloo collectives): one 2-process run (they are slow
+to start) checks that they train like one process, write shared checkpoints, and stop
+together when only one of them gets SIGTERM."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -11,6 +15,10 @@ from configs.default import get_config
 from diffusion.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A constant learning rate after warm-up, so that the first steps do not depend on
+# num_steps: the 2-process run is open-ended (stopped by SIGTERM), the reference is not.
+COMMON = {"train.sample_every": 0, "train.log_every": 1, "train.checkpoint_every": 2,
+          "optim.decay": "constant"}
 
 
 def _free_port():
@@ -19,24 +27,44 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
+def _rows(path):
+    with open(path) as f:
+        return {r["step"]: r for r in map(json.loads, f) if "loss" in r}
+
+
+def test_two_processes_match_one_and_stop_together_on_sigterm(tmp_path):
     cfg = get_config("runlocal")
-    cfg.train.sample_every = 0
+    for key, value in COMMON.items():
+        section, name = key.split(".")
+        cfg[section][name] = value
     single = loop.train_and_evaluate(cfg, str(tmp_path / "single"))
+    assert single["step"] == 4
 
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     wd = str(tmp_path / "multi")
     procs = [subprocess.Popen(
         [sys.executable, "launch.py", "--config=configs/default.py:runlocal", f"--workdir={wd}",
-         "--config.train.sample_every=0", f"--coordinator_address=localhost:{port}",
-         "--num_processes=2", f"--process_id={i}"],
+         *[f"--config.{k}={v}" for k, v in COMMON.items()], "--config.train.num_steps=100000",
+         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
-    outs = [p.communicate(timeout=400)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out
-    with open(os.path.join(wd, "metrics.jsonl")) as f:
-        rows = {r["step"]: r for r in map(json.loads, f)}
-    assert rows[4]["loss"] == pytest.approx(single["loss"], rel=1e-5)
-    assert sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()) == [2, 4]
+    metrics = os.path.join(wd, "metrics.jsonl")
+    t0 = time.time()
+    while not (os.path.exists(metrics) and max(_rows(metrics), default=0) >= 5):
+        assert all(p.poll() is None for p in procs), procs[0].stdout.read()
+        assert time.time() - t0 < 400, "timed out"
+        time.sleep(0.2)
+    # Each process has its own SIGTERM flag: they agree at the next log step, so both save
+    # the same step and exit with EXIT_PREEMPTED instead of one waiting forever.
+    procs[1].send_signal(signal.SIGTERM)  # only the second host is told
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [loop.EXIT_PREEMPTED] * 2, outs
+    stops = [int(o.split("preempted (SIGTERM) at step ")[1].split(":")[0]) for o in outs]
+    assert stops[0] == stops[1] >= 5
+
+    assert _rows(metrics)[4]["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    on_disk = sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit())
+    assert on_disk[-1] == stops[0] and len(on_disk) >= 2
+    assert all(s % 2 == 0 for s in on_disk[:-1])  # the periodic saves of both processes
+

@@ -297,35 +297,6 @@ def test_full_disk_stops_the_run_naming_the_path(tmp_path):
         os.system(f"umount {mnt}")
 
 
-def test_sigterm_to_one_host_stops_every_host_at_the_same_step(tmp_path):
-    """Each process has its own SIGTERM flag: they agree at the next log step, so both
-    save the same step and exit with EXIT_PREEMPTED instead of one waiting forever."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    wd = str(tmp_path / "multi")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen(
-        [sys.executable, "launch.py", "--config=configs/default.py:runlocal", f"--workdir={wd}",
-         "--config.train.sample_every=0", "--config.train.num_steps=100000",
-         "--config.train.log_every=1", "--config.train.checkpoint_every=1000",
-         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
-    metrics = os.path.join(wd, "metrics.jsonl")
-    t0 = time.time()
-    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
-        assert all(p.poll() is None for p in procs), procs[0].stdout.read()
-        assert time.time() - t0 < 400, "timed out"
-        time.sleep(0.2)
-    procs[1].send_signal(signal.SIGTERM)  # only the second host is told
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [loop.EXIT_PREEMPTED] * 2, outs
-    steps = [int(o.split("preempted (SIGTERM) at step ")[1].split(":")[0]) for o in outs]
-    assert steps[0] == steps[1] and _steps_on_disk(wd) == [steps[0]]
-
-
 def test_sample_mode_falls_back_past_a_corrupt_newest_checkpoint(nan_run, tmp_path,
                                                                   monkeypatch):
     from diffusion.train.generate import sample_from_workdir
