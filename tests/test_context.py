@@ -12,7 +12,6 @@ import pytest
 from diffusion.models.dit import DiT, stack_blocks
 from diffusion.models.unet import UNet
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
 
 B, L, D = 2, 5, 12
 UNET = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_heads=2)

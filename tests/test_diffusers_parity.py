@@ -41,7 +41,6 @@ BETAS = {"linear": dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
 TRAINED_MAX = "trained max"  # placeholder: sigma_ve at the last trained step
 
 
-pytestmark = pytest.mark.usefixtures("fast_compile")  # see conftest.py
 
 
 def exact_eps_np(x: np.ndarray, ab: float) -> np.ndarray:

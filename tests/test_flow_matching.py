@@ -164,7 +164,6 @@ def test_shift_is_sd3s_and_moves_the_logit_by_log_shift():
 
 # ---- a tiny flow run -------------------------------------------------------------------
 
-@pytest.mark.usefixtures("fast_compile")
 def test_tiny_flow_run_trains_checkpoints_and_samples_with_any_sampler(tmp_path):
     from configs.flow_fashion_mnist import get_config
     from diffusion.train import loop

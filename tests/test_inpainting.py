@@ -28,7 +28,6 @@ X_KNOWN = jnp.asarray(np.random.default_rng(0).multivariate_normal(
 CASES = [("ddim", 10, {}), ("ddpm", 10, {}), ("dpmpp_2m", 10, {}), ("euler_a", 10, {})]
 
 
-pytestmark = pytest.mark.usefixtures("fast_compile")  # see conftest.py
 
 
 def _run(name, steps, options, **kw):

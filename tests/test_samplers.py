@@ -41,7 +41,6 @@ K = 64    # small batch for the batch-size / guidance checks
 CALLS = [0]  # network calls made, counted at run time
 
 
-pytestmark = pytest.mark.usefixtures("fast_compile")  # see conftest.py
 
 
 # ---- exact models --------------------------------------------------------------------

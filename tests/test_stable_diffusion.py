@@ -33,7 +33,6 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
 
 PROMPTS = ["a photo of a cat on the mat", "a painting of the sea at night, with stars"]
 NEGATIVE = ["blurry photo", "a dark painting"]

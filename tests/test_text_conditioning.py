@@ -29,7 +29,6 @@ from diffusion.train_state import drop_labels, make_optimizer
 from experiments.text_to_image import prompts as study_prompts
 from experiments.text_to_image import run as study
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
 
 PROMPTS = ["a photo of a sneaker", "a photo of a bag"]
 

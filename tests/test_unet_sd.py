@@ -16,7 +16,6 @@ from diffusion.convert.diffusers_unet import (convert_diffusers_unet, load_diffu
 from diffusion.models.unet_sd import UNetSD, UNetSDConfig, sd1_config, sd2_config
 
 # Parity does not depend on XLA's fusions; compile time dominates these tests.
-pytestmark = pytest.mark.usefixtures("fast_compile")
 
 SEQ_LEN = 7
 
