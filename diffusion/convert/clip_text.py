@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion.convert.params import flax_path
 from diffusion.convert.torch_files import load_state_dict
 from diffusion.models.clip_text import CLIPTextConfig, CLIPTextModel
 
@@ -25,17 +26,6 @@ SHARD_INDEX = "model.safetensors.index.json"
 _PREFIX = "text_model."
 _IGNORED = ("embeddings.position_ids",)
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
-
-
-def _flax_path(key: str) -> tuple[str, ...]:
-    """'encoder.layers.0.mlp.fc1' -> ('encoder', 'layers_0', 'mlp', 'fc1')."""
-    parts: list[str] = []
-    for tok in key.split("."):
-        if tok.isdigit() and parts:
-            parts[-1] = f"{parts[-1]}_{tok}"
-        else:
-            parts.append(tok)
-    return tuple(parts)
 
 
 def _template(config: CLIPTextConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -60,7 +50,7 @@ def convert_clip_text(state_dict: Mapping[str, np.ndarray],
         name = key.removeprefix(_PREFIX)
         if name in _IGNORED:
             continue
-        *module, leaf = _flax_path(name)
+        *module, leaf = flax_path(name)
         candidates = {"weight": _WEIGHT_LEAVES, "bias": ("bias",)}.get(leaf, ())
         target = next((tuple(module) + (c,) for c in candidates
                        if tuple(module) + (c,) in template), None)
