@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion.convert.params import flax_path
+from diffusion.convert.params import flax_path, unflatten
 from diffusion.convert.torch_files import load_state_dict
 from diffusion.models.clip_text import CLIPTextConfig, CLIPTextModel
 
@@ -72,13 +72,7 @@ def convert_clip_text(state_dict: Mapping[str, np.ndarray],
             f"state dict does not match the CLIP text config: {len(missing)} missing "
             f"params {missing[:8]}, {len(unexpected)} unexpected keys "
             f"{sorted(unexpected)[:8]}, {len(mismatched)} shape mismatches {mismatched[:8]}")
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = v
-    return tree
+    return unflatten(flat)
 
 
 def _find_weights(folder: str) -> list[str]:
