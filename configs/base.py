@@ -46,12 +46,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Text conditioning (a captioned data source, e.g. fashion_mnist_captions): a CLIP
     # text encoder of this size (vocabulary from the tokenizer: "" = the demo vocabulary
     # of the Fashion-MNIST captions, or a folder of CLIP tokenizer files) whose token
-    # embeddings the U-Net / DiT cross-attend to (context_dim = width). train_encoder:
-    # jointly with the denoiser, or frozen at its initialisation. cache_embeddings
-    # (precomputed embeddings of a frozen encoder) is not implemented yet.
+    # embeddings the U-Net / DiT cross-attend to (context_dim = width). pretrained: a
+    # transformers CLIPTextModel folder (or SD pipeline folder) whose shape and weights
+    # replace width/layers/heads and the initialisation (tokenizer "" = its tokenizer/
+    # folder). train_encoder: jointly with the denoiser, or frozen. cache_embeddings
+    # (frozen only): encode every caption once into workdir/text_cache, train on those.
     c.model.text = ml_collections.ConfigDict(dict(
         enabled=False, tokenizer="", width=128, layers=2, heads=4, train_encoder=True,
-        cache_embeddings=False))
+        pretrained="", cache_embeddings=False))
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"       # linear | cosine | scaled_linear | sigmoid

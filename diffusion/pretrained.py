@@ -51,7 +51,7 @@ from diffusion.config_file import read_run_config
 from diffusion.convert.diffusers_vae import load_sd_vae
 from diffusion.denoiser import Denoiser
 from diffusion.models import build_model, init_params
-from diffusion.models.text_conditional import TextConditional, encode_prompts, load_tokenizer
+from diffusion.models.text_conditional import TextConditional, encode_prompts, run_tokenizer
 from diffusion.objectives import get_objective
 from diffusion.schedules import Schedule, make_schedule
 from diffusion.text import prompts as text_prompts
@@ -219,7 +219,7 @@ class Pipeline:
         """int32 [P num, 2, L]: each sample's prompt and negative prompt ids."""
         prompts = text_prompts.as_list(prompt) or [""]
         negatives = text_prompts.negatives_for(negative_prompt, len(prompts))
-        tokenizer = load_tokenizer(str(self.config.model.text.tokenizer))
+        tokenizer = run_tokenizer(self.config.model.text)
         pairs = text_prompts.prompt_pairs(tokenizer, prompts, negatives)
         return np.repeat(pairs, num, axis=0)
 

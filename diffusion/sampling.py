@@ -19,7 +19,7 @@ import numpy as np
 from diffusion import parallel, samplers
 from diffusion.denoiser import Denoiser
 from diffusion.config_file import ConfigError
-from diffusion.models.text_conditional import TextConditional, encode_prompts, load_tokenizer
+from diffusion.models.text_conditional import TextConditional, encode_prompts, run_tokenizer
 from diffusion.text import prompts as text_prompts
 
 
@@ -154,7 +154,7 @@ def prompt_inputs(model, config: ml_collections.ConfigDict) -> dict:
     if not isinstance(model, TextConditional):
         return {}
     prompts, negatives = config_prompts(config.sample)
-    tokenizer = load_tokenizer(str(config.model.text.tokenizer))
+    tokenizer = run_tokenizer(config.model.text)
     return dict(prompt_tokens=text_prompts.prompt_pairs(tokenizer, prompts, negatives),
                 encode_fn=lambda params, tokens: encode_prompts(model, params, tokens))
 

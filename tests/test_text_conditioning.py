@@ -22,7 +22,7 @@ from diffusion.config_file import ConfigError
 from diffusion.data import captions
 from diffusion.models import text_conditional
 from diffusion.text import prompts as text_prompts
-from diffusion.train import loop
+from diffusion.train import loop, text_encoder
 from diffusion.train.generate import sample_from_workdir
 from diffusion.train.setup import build_run
 from diffusion.train_state import drop_labels, make_optimizer
@@ -182,9 +182,71 @@ def test_text_run_needs_captions_and_the_diffusion_objective(tmp_path, fmnist_di
     with pytest.raises(ConfigError, match="does not train text-conditional models"):
         build_run(c, str(tmp_path / "b"))
     c = _config(fmnist_dir)
-    c.model.text.cache_embeddings = True
-    with pytest.raises(ConfigError, match="cache_embeddings=True is not supported"):
+    c.model.text.cache_embeddings = True  # with a trained encoder
+    with pytest.raises(ConfigError, match="cache_embeddings=True needs a frozen encoder"):
         build_run(c, str(tmp_path / "c"))
+
+
+def _pretrained_pipeline_folder(root) -> tuple[str, dict]:
+    """An SD-style folder with tokenizer/ (the demo vocabulary) and text_encoder/ (a
+    random transformers CLIPTextModel of another width than the config's), and the
+    encoder's weights converted to our layout."""
+    import torch
+    import transformers
+    from diffusion.convert.clip_text import load_clip_text
+    from diffusion.text.learn_bpe import write_vocabulary
+    tok = captions.demo_tokenizer()
+    write_vocabulary(root / "tokenizer", captions.demo_merges())
+    torch.manual_seed(0)
+    config = transformers.CLIPTextConfig(
+        vocab_size=tok.vocab_size, hidden_size=24, intermediate_size=48,
+        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+        eos_token_id=tok.eos_id, bos_token_id=tok.bos_id, pad_token_id=tok.eos_id)
+    transformers.CLIPTextModel(config).save_pretrained(root / "text_encoder")
+    return str(root), load_clip_text(root)[1]
+
+
+def test_pretrained_frozen_encoder_trains_alike_from_tokens_and_from_its_cache(
+        tmp_path, fmnist_dir):
+    folder, weights = _pretrained_pipeline_folder(tmp_path / "sd")
+
+    def start(cache: bool, workdir: str):
+        c = _config(fmnist_dir)
+        c.model.text.update(pretrained=folder, train_encoder=False, cache_embeddings=cache)
+        run = build_run(c, workdir)
+        state, _ = loop.restore_or_init(run)
+        return text_encoder.with_cached_captions(run, state), state
+
+    run_t, state_t = start(False, str(tmp_path / "tokens"))
+    run_c, state_c = start(True, str(tmp_path / "cached"))
+    assert run_t.model.denoiser.context_dim == 24  # the encoder's width, not text.width
+    for tree in (state_c.params["text"], state_c.ema_params["text"]):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(tree), weights)
+    cache = np.load(tmp_path / "cached" / "text_cache" / "embeddings.npy")
+    tokens = run_c.source.caption_tokens
+    assert cache.shape == tokens.shape + (24,)
+    np.testing.assert_allclose(cache, text_encoder.encode_captions(
+        run_c.model, weights, tokens), atol=1e-6)
+    # The same batch, as token ids and as cached embeddings: the same step.
+    batch_t = next(iter(data.BatchIterator(run_t.source, 8, seed=0)))
+    batch_c = next(iter(data.BatchIterator(run_c.source, 8, seed=0)))
+    assert "tokens" in batch_t and "context" in batch_c and "tokens" not in batch_c
+    outs = [jax.jit(loop._step_fn(r))(s, b)
+            for r, s, b in ((run_t, state_t, batch_t), (run_c, state_c, batch_c))]
+    assert float(outs[0][1]["loss"]) == pytest.approx(float(outs[1][1]["loss"]), rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 outs[0][0].params, outs[1][0].params)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(outs[1][0].params["text"]),
+                 weights)  # frozen
+    # A second start reads the cache; another encoder re-encodes it.
+    stamp = os.path.getmtime(tmp_path / "cached" / "text_cache" / "embeddings.npy")
+    again = text_encoder.with_cached_captions(run_c, state_c)
+    assert isinstance(again.source.embeddings, np.memmap)
+    assert os.path.getmtime(tmp_path / "cached" / "text_cache" / "embeddings.npy") == stamp
+    other = state_c.replace(params=dict(state_c.params, text=jax.tree.map(
+        lambda a: a + 1.0, state_c.params["text"])))
+    redone = text_encoder.with_cached_captions(run_c, other)
+    assert not np.allclose(np.asarray(redone.source.embeddings), cache)
 
 
 def _sample(pipe, **kw):

@@ -19,7 +19,8 @@ import numpy as np
 
 from diffusion.convert.params import flax_path, unflatten
 from diffusion.convert.torch_files import load_state_dict
-from diffusion.models.clip_text import CLIPTextConfig, CLIPTextModel
+from diffusion.models.clip_text import (CLIPTextConfig, CLIPTextModel, read_text_config,
+                                       text_encoder_folder)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SHARD_INDEX = "model.safetensors.index.json"
@@ -92,16 +93,8 @@ def load_clip_text(path: str | os.PathLike, dtype: Any = jnp.float32
     """(module, params) from a transformers CLIPTextModel folder (config.json + weights),
     or an SD pipeline folder with a `text_encoder/` subfolder. dtype: the activations'
     (params stay float32). Use as `module.apply({'params': params}, ids)`."""
-    folder = os.fspath(path)
-    if not os.path.isfile(os.path.join(folder, "config.json")) and \
-            os.path.isfile(os.path.join(folder, "text_encoder", "config.json")):
-        folder = os.path.join(folder, "text_encoder")
-    config_file = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"no config.json in {folder} (expected a transformers "
-                                f"CLIPTextModel folder or an SD pipeline folder)")
-    with open(config_file) as fh:
-        config = CLIPTextConfig.from_dict(json.load(fh))
+    folder = text_encoder_folder(path)
+    config = read_text_config(folder)
     state_dict: dict[str, np.ndarray] = {}
     for file in _find_weights(folder):
         state_dict.update(load_state_dict(file))

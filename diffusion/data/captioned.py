@@ -9,7 +9,8 @@ facts (`diffusion.data.captions`), so batches are reproducible and resume exactl
 the images: BatchIterator asks `source.conditioning(indices, epochs, seed)` for them.
 Horizontal flips leave every fact (class, tone, size) true, so they stay allowed.
 Token ids come from a table of every caption tokenized once, so a batch costs one
-lookup. The tokenizer is the demo vocabulary (`captions.demo_tokenizer`) unless a
+lookup. With embeddings of that table (`with_caption_embeddings`, the cache of a frozen
+text encoder) batches carry context=float32 [B, L, D] rows of it instead of tokens. The tokenizer is the demo vocabulary (`captions.demo_tokenizer`) unless a
 folder of CLIP tokenizer files is given.
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ class CaptionedSource(ArraySource):
         self.light, self.large = captions.attribute_bits(self.images, self.labels, thresholds)
         self.tokenizer = tokenizer or captions.demo_tokenizer()
         self.table = captions.CaptionTable(self.tokenizer)
+        self.embeddings = None  # float32 [M, L, D]: with_caption_embeddings
 
     @property
     def vocab_size(self) -> int:
@@ -62,6 +64,27 @@ class CaptionedSource(ArraySource):
         """int32 [L]: the empty prompt "", what caption dropout substitutes."""
         return self.table.null_tokens
 
+    @property
+    def caption_tokens(self) -> np.ndarray:
+        """int32 [M, L]: every caption this source can write (and ""), tokenized."""
+        return self.table.rows
+
+    def with_caption_embeddings(self, embeddings: np.ndarray) -> "CaptionedSource":
+        """A copy whose batches carry context = embeddings[row] (float32 [M, L, D], one
+        row per row of caption_tokens) in place of token ids."""
+        if embeddings.ndim != 3 or embeddings.shape[:2] != self.caption_tokens.shape:
+            raise ValueError(f"{self.name}: caption embeddings of shape {embeddings.shape} "
+                             f"do not match the {self.caption_tokens.shape} caption table")
+        out = copy.copy(self)
+        out.embeddings = embeddings
+        return out
+
+    @property
+    def null_context(self) -> np.ndarray | None:
+        """float32 [L, D]: the empty prompt's embeddings (None without a cache)."""
+        return None if self.embeddings is None else np.asarray(
+            self.embeddings[self.table.null_row])
+
     def _rows(self, indices: np.ndarray, epochs: np.ndarray, seed: int) -> np.ndarray:
         indices = np.asarray(indices, np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
@@ -72,8 +95,12 @@ class CaptionedSource(ArraySource):
 
     def conditioning(self, indices: np.ndarray, epochs: np.ndarray,
                      seed: int) -> dict[str, np.ndarray]:
-        """dict(tokens=int32 [n, L]) for examples `indices` seen in `epochs` [n]."""
-        return dict(tokens=self.table.rows[self._rows(indices, epochs, seed)])
+        """dict(tokens=int32 [n, L]) for examples `indices` seen in `epochs` [n], or
+        dict(context=float32 [n, L, D]) with caption embeddings."""
+        rows = self._rows(indices, epochs, seed)
+        if self.embeddings is not None:
+            return dict(context=np.asarray(self.embeddings[rows], np.float32))
+        return dict(tokens=self.table.rows[rows])
 
     def caption_texts(self, indices: np.ndarray, epochs: np.ndarray, seed: int) -> list[str]:
         """The caption texts behind `conditioning` (for logging and sample grids)."""

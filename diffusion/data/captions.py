@@ -233,7 +233,8 @@ class CaptionTable:
         for label, template, synonym, light, large in np.ndindex(*self._index.shape):
             self._index[label, template, synonym, light, large] = row_of[
                 caption(label, template, synonym, bool(light), bool(large))]
-        self.null_tokens = self.rows[row_of[""]]
+        self.null_row = row_of[""]
+        self.null_tokens = self.rows[self.null_row]
 
     def index(self, labels: np.ndarray, template: np.ndarray, synonym: np.ndarray,
               light: np.ndarray, large: np.ndarray) -> np.ndarray:

@@ -20,7 +20,8 @@ import ml_collections
 
 from diffusion.config_file import ConfigError
 from diffusion.models.dit import DiT, dit_variant, scan_blocks_for
-from diffusion.models.text_conditional import TextConditional, is_text_section, with_text
+from diffusion.models.text_conditional import (TextConditional, context_width, is_text_section,
+                                               with_text)
 from diffusion.models.unet import UNet
 from diffusion.models.vae import AutoencoderKL
 
@@ -63,7 +64,7 @@ def _attention(model: ml_collections.ConfigDict) -> str | None:
 
 def _context_dim(model: ml_collections.ConfigDict) -> int:
     """Width of the text tokens the denoiser cross-attends to; 0 = no text."""
-    return int(model.text.width) if is_text_section(model) else 0
+    return context_width(model.text) if is_text_section(model) else 0
 
 
 def _check_unet_levels(unet: ml_collections.ConfigDict, size: int) -> None:

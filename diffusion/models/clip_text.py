@@ -17,6 +17,8 @@ of OpenCLIP's 24 layers as its last (num_hidden_layers 23).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -71,6 +73,25 @@ class CLIPTextConfig:
         config = config.get("text_config", config)
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in config.items() if k in names and v is not None})
+
+
+def text_encoder_folder(path: str | os.PathLike) -> str:
+    """The folder of a transformers CLIPTextModel (config.json + weights): `path` itself,
+    or the `text_encoder/` subfolder of an SD pipeline folder."""
+    folder = os.fspath(path)
+    if not os.path.isfile(os.path.join(folder, "config.json")) and \
+            os.path.isfile(os.path.join(folder, "text_encoder", "config.json")):
+        folder = os.path.join(folder, "text_encoder")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"no config.json in {folder} (expected a transformers "
+                                f"CLIPTextModel folder or an SD pipeline folder)")
+    return folder
+
+
+def read_text_config(path: str | os.PathLike) -> CLIPTextConfig:
+    """The CLIPTextConfig of a CLIPTextModel folder or SD pipeline folder."""
+    with open(os.path.join(text_encoder_folder(path), "config.json")) as fh:
+        return CLIPTextConfig.from_dict(json.load(fh))
 
 
 class CLIPTextOutput(NamedTuple):

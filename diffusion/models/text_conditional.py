@@ -21,11 +21,18 @@ embeddings (`negative_condition`).
 
 `load_tokenizer(path)` is the tokenizer of a text run: "" the demo vocabulary learned from
 the Fashion-MNIST captions (`diffusion.data.captions.demo_tokenizer`), else a folder of
-CLIP tokenizer files.
+CLIP tokenizer files; `run_tokenizer(model.text)` resolves the section's choice.
+
+A pretrained encoder (model.text.pretrained: a transformers CLIPTextModel folder, or an
+SD pipeline folder) fixes the encoder's shape from its config.json; its weights replace
+the initialisation of a fresh run (diffusion/train/text_encoder.py). With a frozen
+encoder, model.text.cache_embeddings encodes every caption of the source once and
+trains on the stored embeddings (same file).
 """
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -35,7 +42,8 @@ import ml_collections
 
 from diffusion.config_file import ConfigError
 from diffusion.data.captions import demo_tokenizer
-from diffusion.models.clip_text import CLIPTextConfig, CLIPTextModel
+from diffusion.models.clip_text import (CLIPTextConfig, CLIPTextModel, read_text_config,
+                                       text_encoder_folder)
 from diffusion.text.tokenizer import CLIPTokenizer, load_clip_tokenizer
 
 
@@ -69,10 +77,13 @@ class TextConditional(nn.Module):
 
     def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray,
                  train: bool = False) -> jnp.ndarray:
-        """y: the captions' token ids int32 [B, L]."""
+        """y: the captions' token ids int32 [B, L], or their embeddings [B, L, D] from
+        a cache of this (frozen) encoder, which then is not run."""
+        if y is not None and y.ndim == 3 and jnp.issubdtype(y.dtype, jnp.floating):
+            return self.denoise(x, t, y, train)
         if y is None or y.ndim != 2:
-            raise ValueError("a text-conditional model takes token ids [B, L] as y, got "
-                             f"{None if y is None else y.shape}")
+            raise ValueError("a text-conditional model takes token ids [B, L] or cached "
+                             f"embeddings [B, L, D] as y, got {None if y is None else y.shape}")
         return self.denoise(x, t, self.encode(y), train)
 
 
@@ -116,10 +127,50 @@ def is_text_section(model: ml_collections.ConfigDict) -> bool:
     return bool(text is not None and text.get("enabled", False))
 
 
+def tokenizer_path(text: ml_collections.ConfigDict) -> str:
+    """model.text.tokenizer, or for a pretrained encoder given no tokenizer the
+    `tokenizer/` folder of its SD pipeline folder (beside `text_encoder/`)."""
+    path, pretrained = str(text.tokenizer), str(text.get("pretrained", ""))
+    if path or not pretrained:
+        return path
+    folder = text_encoder_folder(pretrained)
+    for candidate in (os.path.join(pretrained, "tokenizer"),
+                      os.path.join(os.path.dirname(os.path.abspath(folder)), "tokenizer")):
+        if os.path.isfile(os.path.join(candidate, "vocab.json")):
+            return candidate
+    raise ConfigError(f"model.text.pretrained={pretrained!r} has no tokenizer/ folder "
+                      "beside its text encoder: set model.text.tokenizer to the folder of "
+                      "its vocab.json and merges.txt")
+
+
+def run_tokenizer(text: ml_collections.ConfigDict) -> CLIPTokenizer:
+    """The tokenizer a model.text section names (see tokenizer_path)."""
+    return load_tokenizer(tokenizer_path(text))
+
+
+def context_width(text: ml_collections.ConfigDict) -> int:
+    """Width D of the embeddings the denoiser cross-attends to: the pretrained
+    encoder's hidden size, else model.text.width."""
+    pretrained = str(text.get("pretrained", ""))
+    return read_text_config(pretrained).hidden_size if pretrained else int(text.width)
+
+
 def text_encoder_config(text: ml_collections.ConfigDict,
                         tokenizer: CLIPTokenizer) -> CLIPTextConfig:
-    """The CLIPTextConfig of a model.text section: width, layers, heads, MLP 4x the
-    width, quick-GELU; vocabulary, eos id and length from the tokenizer."""
+    """The CLIPTextConfig of a model.text section: a pretrained encoder's own (its
+    vocabulary must hold the tokenizer's ids), else width, layers, heads, MLP 4x the
+    width, quick-GELU, with vocabulary, eos id and length from the tokenizer."""
+    pretrained = str(text.get("pretrained", ""))
+    if pretrained:
+        config = read_text_config(pretrained)
+        if (config.vocab_size < tokenizer.vocab_size
+                or config.max_position_embeddings < tokenizer.max_length):
+            raise ConfigError(
+                f"model.text.pretrained={pretrained!r} embeds {config.vocab_size} tokens "
+                f"at {config.max_position_embeddings} positions; its tokenizer "
+                f"({tokenizer_path(text)!r}) writes {tokenizer.vocab_size} tokens at "
+                f"{tokenizer.max_length}: use the tokenizer the encoder was trained with")
+        return config
     width, layers, heads = int(text.width), int(text.layers), int(text.heads)
     if width <= 0 or layers <= 0 or heads <= 0:
         raise ValueError(f"model.text.width, layers and heads must be positive, got "
@@ -135,9 +186,9 @@ def text_encoder_config(text: ml_collections.ConfigDict,
 
 
 def with_text(denoiser: nn.Module, text: ml_collections.ConfigDict, dtype: Any) -> TextConditional:
-    """`denoiser` (built with context_dim = text.width) under the text encoder of the
-    model.text section."""
-    config = text_encoder_config(text, load_tokenizer(str(text.tokenizer)))
+    """`denoiser` (built with context_dim = context_width(text)) under the text
+    encoder of the model.text section."""
+    config = text_encoder_config(text, run_tokenizer(text))
     return TextConditional(denoiser, config, bool(text.train_encoder), dtype)
 
 
@@ -151,10 +202,9 @@ def frozen_subtrees(model: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 def source_options(model: ml_collections.ConfigDict) -> dict:
     """Options for make_source so that the captions are tokenized by the run's own
-    tokenizer: vocab_dir=model.text.tokenizer when that names a folder."""
-    if is_text_section(model) and model.text.tokenizer:
-        return {"vocab_dir": str(model.text.tokenizer)}
-    return {}
+    tokenizer: vocab_dir=tokenizer_path(model.text) when that names a folder."""
+    path = tokenizer_path(model.text) if is_text_section(model) else ""
+    return {"vocab_dir": path} if path else {}
 
 
 def check_caption_source(model: ml_collections.ConfigDict, source: Any, name: str) -> None:
@@ -162,19 +212,18 @@ def check_caption_source(model: ml_collections.ConfigDict, source: Any, name: st
     the run's tokenizer (vocabulary size and the empty prompt's ids alike)."""
     if not is_text_section(model):
         return
-    if model.text.get("cache_embeddings", False):
+    if model.text.get("cache_embeddings", False) and model.text.train_encoder:
         raise ConfigError(
-            "model.text.cache_embeddings=True is not supported: cached embeddings would "
-            "need a frozen encoder (model.text.train_encoder=False) and the cache is not "
-            "implemented yet; set model.text.cache_embeddings=False")
+            "model.text.cache_embeddings=True needs a frozen encoder: the embeddings of a "
+            "trained encoder change every step; set model.text.train_encoder=False")
     if not hasattr(source, "null_tokens"):
         raise ConfigError(f"model.text.enabled needs a captioned data source (batches with "
                          f"token ids), e.g. data.source=fashion_mnist_captions; "
                          f"{name!r} has no captions")
-    tokenizer = load_tokenizer(str(model.text.tokenizer))
+    tokenizer = run_tokenizer(model.text)
     if (source.vocab_size != tokenizer.vocab_size
             or list(source.null_tokens) != list(tokenizer("").input_ids[0])):
         raise ConfigError(f"data source {name!r} tokenizes its captions with another "
                          f"vocabulary ({source.vocab_size} tokens) than "
-                         f"model.text.tokenizer={str(model.text.tokenizer)!r} "
+                         f"the tokenizer {tokenizer_path(model.text)!r} "
                          f"({tokenizer.vocab_size} tokens)")

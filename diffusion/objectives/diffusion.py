@@ -34,10 +34,12 @@ def make_train_step(model, schedule: Schedule, tx: optax.GradientTransformation,
                     learned_sigma: bool, vlb_weight: float, num_classes: int,
                     label_dropout: float, ema_rate: float, ema_warmup: bool,
                     null_tokens: Optional[np.ndarray] = None,
-                    caption_dropout: float = 0.0) -> Callable:
+                    caption_dropout: float = 0.0, caption_key: str = "tokens") -> Callable:
     """Builds train_step(state, batch) for batch = dict(image [B,H,W,C], label [B]),
     plus tokens [B, L] for a text-conditional model (null_tokens [L]: the empty
-    prompt's ids, which replace a caption with probability caption_dropout)."""
+    prompt's ids, which replace a caption with probability caption_dropout), or with
+    caption_key="context" cached embeddings [B, L, D] (null_tokens: the empty prompt's
+    embeddings [L, D])."""
 
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(state.rng, state.step)
@@ -45,7 +47,7 @@ def make_train_step(model, schedule: Schedule, tx: optax.GradientTransformation,
         x0 = batch["image"]
         y = drop_labels(k_label, batch["label"], label_dropout) if num_classes > 0 else None
         if null_tokens is not None:
-            y = drop_labels(k_label, batch["tokens"], caption_dropout, null_tokens)
+            y = drop_labels(k_label, batch[caption_key], caption_dropout, null_tokens)
 
         def loss_fn(params):
             def net_fn(x_t, c_noise):
@@ -70,6 +72,7 @@ def make_train_step(model, schedule: Schedule, tx: optax.GradientTransformation,
 def _make_step(run) -> Callable:
     c = run.config
     text = isinstance(run.model, TextConditional)
+    cached = getattr(run.source, "null_context", None) if text else None
     return make_train_step(
         run.model, run.schedule, run.tx, run.lr_fn, pred_type=c.diffusion.pred_type,
         weighting=c.diffusion.weighting, min_snr_gamma=c.diffusion.min_snr_gamma,
@@ -77,8 +80,9 @@ def _make_step(run) -> Callable:
         learned_sigma=c.diffusion.learned_sigma, vlb_weight=c.diffusion.vlb_weight,
         num_classes=run.num_classes, label_dropout=c.conditioning.label_dropout,
         ema_rate=c.ema.decay, ema_warmup=c.ema.warmup,
-        null_tokens=run.source.null_tokens if text else None,
-        caption_dropout=float(c.conditioning.get("caption_dropout", 0.0)))
+        null_tokens=(cached if cached is not None else run.source.null_tokens) if text else None,
+        caption_dropout=float(c.conditioning.get("caption_dropout", 0.0)),
+        caption_key="context" if cached is not None else "tokens")
 
 
 def diffusion_denoiser(run, params) -> Denoiser:

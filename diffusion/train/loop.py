@@ -32,7 +32,7 @@ from diffusion.config_file import write_config
 from diffusion.data import BatchIterator
 from diffusion.io_errors import guard
 from diffusion.models.text_conditional import TextConditional
-from diffusion.train import profiling
+from diffusion.train import profiling, text_encoder
 from diffusion.train.evaluator import make_evaluator
 from diffusion.train.setup import Run, build_run
 from diffusion.train.workdir_lock import WorkdirLock
@@ -140,7 +140,8 @@ def restore_or_init(run: Run):
         log.info("resumed from checkpoint at step %d", int(state.step))
         return state, data_step
     init = jax.jit(run.init_fn, out_shardings=run.state_sharding)
-    return run.objective.prepare(run, init(jax.random.key(run.config.seed))), 0
+    state = run.objective.prepare(run, init(jax.random.key(run.config.seed)))
+    return text_encoder.load_pretrained(run, state), 0
 
 
 class _Sigterm:
@@ -258,6 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         with guard(os.path.join(run.workdir, "config.json")):
             write_config(config, run.workdir)
         state, data_step = restore_or_init(run)
+        run = text_encoder.with_cached_captions(run, state)
         writer = MetricWriter(run.workdir, enabled=jax.process_index() == 0,
                               resume_step=int(state.step))
         closers.insert(0, writer.close)
