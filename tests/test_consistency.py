@@ -395,6 +395,55 @@ def test_cd_loads_its_teacher_and_starts_from_it(tmp_path):
         again.objective.prepare(again, _fake_state(again, seed=2))
 
 
+def test_diffusion_parameterised_student_starts_as_its_v_prediction_teacher(tmp_path):
+    """consistency.parameterisation 'diffusion' (configs/cd_fashion_mnist.py:teacher=
+    default): a student started from a v-prediction teacher is c_skip x + (1 - c_skip)
+    times the teacher's x0 at every sigma, and exactly x at sigma_min."""
+    from configs import cd_fashion_mnist, default
+    from diffusion.config_file import write_config
+    from diffusion.consistency.edm import consistency_scalings
+    from diffusion.objectives.consistency import teacher_fn
+    from diffusion.objectives.edm import flax_net_fn, sigma_space_fn
+    from diffusion.train.setup import build_run
+
+    def smaller(c):
+        c.model.unet.update(ch_mult=(1,), attn_resolutions=())
+        return c
+    t_cfg, t_dir = smaller(default.get_config("runlocal")), str(tmp_path / "teacher")
+    t_run = build_run(t_cfg, t_dir)
+    t_state = _fake_state(t_run, seed=1)
+    write_config(t_cfg, t_dir)
+    t_run.checkpointer.save(7, t_state)
+    t_run.checkpointer.wait()
+    t_run.checkpointer.close()
+
+    cfg = smaller(cd_fashion_mnist.get_config("teacher=default,runlocal"))
+    cfg.consistency.teacher_workdir = t_dir
+    assert cfg.diffusion.pred_type == "v" and cfg.consistency.parameterisation == "diffusion"
+    run = build_run(cfg, str(tmp_path / "student"))
+    state = run.objective.prepare(run, _fake_state(run, seed=2))
+    _assert_trees_equal(state.params, t_state.ema_params)
+    x = jax.random.normal(jax.random.key(3), (3,) + run.image_shape)
+    sigma = jnp.array([0.3, 2.0, 40.0])
+    f = jax.jit(lambda p, x, s: sigma_space_fn(run, True)(
+        flax_net_fn(run.model, p), x, s, None))
+    x0_teacher = jax.jit(teacher_fn(run))(state.aux["teacher"], x, sigma, None)
+    c_skip = consistency_scalings(sigma)[0][:, None, None, None]
+    np.testing.assert_allclose(f(state.params, x, sigma),
+                               c_skip * x + (1 - c_skip) * x0_teacher, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(f(state.params, x, jnp.full(3, 0.002)), x)
+    # Another reading of the network than the teacher's is refused at the start.
+    cfg.diffusion.pred_type = "eps"
+    other = build_run(cfg, str(tmp_path / "eps_student"))
+    with pytest.raises(ValueError, match="diffusion.pred_type='eps' but the teacher's is 'v'"):
+        other.objective.prepare(other, _fake_state(other, seed=2))
+    edm = smaller(cd_fashion_mnist.get_config("teacher=default,runlocal"))
+    edm.train.objective = "edm"
+    edm_run = build_run(edm, str(tmp_path / "edm"))
+    with pytest.raises(ValueError, match="for the consistency objectives"):
+        edm_run.objective.make_step(edm_run)
+
+
 def test_ct_runlocal_trains_end_to_end(tmp_path):
     """configs/ct_fashion_mnist.py:runlocal: a few steps on synthetic data, a checkpoint
     and a 1-step consistency sample grid."""

@@ -13,6 +13,13 @@ Variance-exploding (VE) view: x = x0 + sigma eps, sigma in [sigma_min, sigma_max
 with sd = sigma_data = 0.5. The consistency variant (Song et al. 2023) meets the
 boundary condition D(x, sigma_min) = x exactly: c_skip = 1 and c_out = 0 there.
 
+A consistency model can also sit on a network that predicts x0 some other way (a VP
+diffusion network of any pred_type and schedule, read in sigma space through
+bridge.sigma_space_x0), as latent consistency models do: `denoise_from_x0` gives
+f = c_skip x + (1 - c_skip) x0_hat with the consistency c_skip, so f(x, sigma_min) = x
+exactly, f -> x0_hat at high noise, and a student initialised from a diffusion teacher
+starts as that teacher's one-step denoiser.
+
 Network time input. Our U-Net and DiT embed their scalar `t` with sinusoids whose
 frequencies suit t of order 1 to 1000 (DDPM's indices). EDM's c_noise only spans
 [-1.55, 1.10], which would leave all but the lowest frequencies nearly constant, so the
@@ -88,6 +95,16 @@ def denoise(net_fn: NetFn, x: jnp.ndarray, sigma: jnp.ndarray, y: Optional[jnp.n
         c_skip, c_out, c_in = edm_scalings(sigma, precond.sigma_data)
     f = net_fn(expand(c_in, x) * x, net_time(sigma, precond.net_t_scale), y)
     return expand(c_skip, x) * x + expand(c_out, x) * f.astype(jnp.float32)
+
+
+def denoise_from_x0(x0_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray],
+                    x: jnp.ndarray, sigma: jnp.ndarray, precond: Precond) -> jnp.ndarray:
+    """f(x, sigma) = c_skip x + (1 - c_skip) x0_fn(x, sigma), c_skip of the consistency
+    scalings (see the module docstring); x0_fn(x [B, H, W, C], sigma [B]) -> x0."""
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (x.shape[0],))
+    c_skip, _, _ = consistency_scalings(sigma, precond.sigma_data, precond.sigma_min)
+    c_skip = expand(c_skip, x)
+    return c_skip * x + (1.0 - c_skip) * x0_fn(x, sigma).astype(jnp.float32)
 
 
 def sample_lognormal_sigma(key: jax.Array, batch: int, p_mean: float = -1.2,

@@ -42,7 +42,8 @@ from diffusion.forward_process import expand
 from diffusion.objectives.base import Objective, check_not_learned_sigma, unchanged
 from diffusion.objectives.consistency_config import (precond_from_config, section,
                                                      spec_from_config)
-from diffusion.objectives.edm import common_step_args, flax_net_fn, sigma_space_denoiser
+from diffusion.objectives.edm import (common_step_args, flax_net_fn, sigma_space_denoiser,
+                                      sigma_space_fn)
 from diffusion.train_state import (TrainState, apply_gradients, drop_labels, ema_update,
                                    loss_buckets, step_metrics)
 
@@ -56,17 +57,22 @@ def make_consistency_train_step(model, tx: optax.GradientTransformation,
                                 lr_fn: optax.Schedule, *, spec: cm.ConsistencySpec,
                                 precond: Precond, num_classes: int, label_dropout: float,
                                 ema_rate: float, ema_warmup: bool,
-                                teacher_fn: Optional[TeacherFn] = None) -> Callable:
+                                teacher_fn: Optional[TeacherFn] = None,
+                                consistency_fn: Optional[Callable] = None) -> Callable:
     """CT when teacher_fn is None, else CD with teacher params in state.aux['teacher'].
+    consistency_fn(net, x, sigma, y): the model's consistency function of its network
+    (default: the consistency-preconditioned `denoise` with `precond`).
 
     Loss buckets: n / (N - 1) in quarters (low to high noise).
     """
     if not precond.consistency:
         raise ValueError("consistency training needs Precond(consistency=True)")
+    if consistency_fn is None:
+        consistency_fn = lambda net, x, sigma, y: denoise(net, x, sigma, y, precond)
 
     def f(params, x, sigma, y, k_drop):
         net = flax_net_fn(model, params, train=True, dropout_key=k_drop)
-        return denoise(net, x, sigma, y, precond)
+        return consistency_fn(net, x, sigma, y)
 
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(state.rng, state.step)
@@ -129,6 +135,7 @@ def _ct_step(run) -> Callable:
     return make_consistency_train_step(run.model, run.tx, run.lr_fn,
                                        spec=spec_from_config(run.config),
                                        precond=precond_from_config(run.config, True),
+                                       consistency_fn=sigma_space_fn(run, True),
                                        **common_step_args(run))
 
 
@@ -208,6 +215,7 @@ def _cd_prepare(run, state):
                                                jax.tree.leaves(state.params)))):
         raise ValueError("consistency.init_from_teacher needs the student network to be "
                          "the teacher's (same model config); they differ")
+    _check_same_reading(run, t)
     # Separate buffers per copy: the train step donates the whole state.
     copies = lambda sharding: jax.tree.map(lambda a, s: jax.device_put(jnp.copy(a), s),
                                            teacher, sharding)
@@ -219,11 +227,30 @@ def _cd_prepare(run, state):
                          opt_state=opt_state, aux=aux)
 
 
+def _check_same_reading(run, t) -> None:
+    """A student started from its teacher with consistency.parameterisation='diffusion'
+    reads the network's output as its own `diffusion` section says: it must be the
+    teacher's, or the start is not the teacher's denoiser."""
+    if str(section(run.config).get("parameterisation", "edm")) != "diffusion":
+        return
+    if t.config.train.objective != "diffusion":
+        raise ValueError(f"consistency.parameterisation='diffusion' starts from a teacher "
+                         f"trained by objective 'diffusion'; {t.workdir} was trained by "
+                         f"{t.config.train.objective!r}")
+    for key in ("pred_type", "schedule", "T", "zero_terminal_snr"):
+        mine, theirs = run.config.diffusion.get(key), t.config.diffusion.get(key)
+        if mine != theirs:
+            raise ValueError(f"consistency.parameterisation='diffusion' with "
+                             f"init_from_teacher: diffusion.{key}={mine!r} but the teacher's "
+                             f"is {theirs!r}; set --config.diffusion.{key}={theirs!r}")
+
+
 def _cd_step(run) -> Callable:
     check_not_learned_sigma(run)
     return make_consistency_train_step(run.model, run.tx, run.lr_fn,
                                        spec=spec_from_config(run.config),
                                        precond=precond_from_config(run.config, True),
+                                       consistency_fn=sigma_space_fn(run, True),
                                        teacher_fn=teacher_fn(run), **common_step_args(run))
 
 

@@ -19,6 +19,12 @@ Configs that train with objective "edm", "consistency_distillation" or
                                             (0 = no guidance)
     ode_solver                              CD: euler | heun
     init_from_teacher                       CD: start from the teacher's EMA params
+    parameterisation                        edm: the EDM-preconditioned network (Song et
+                                            al.); diffusion: f = c_skip x + (1 - c_skip)
+                                            x0 of a network read as the `diffusion`
+                                            section says (pred_type, schedule), as
+                                            latent consistency models do: a student of
+                                            a diffusion teacher's kind can start from it
 
 A config without the section (e.g. configs/default.py with
 --config.train.objective=edm cannot add keys) gets these defaults.
@@ -43,7 +49,7 @@ def consistency_defaults() -> ml_collections.ConfigDict:
         index_sampling="uniform", index_p_mean=-1.1, index_p_std=2.0,
         weighting="uniform", distance="pseudo_huber", huber_c=0.0,
         teacher_workdir="", teacher_guidance=0.0, ode_solver="heun",
-        init_from_teacher=False,
+        init_from_teacher=False, parameterisation="edm",
     ))
 
 

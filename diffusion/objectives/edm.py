@@ -16,7 +16,7 @@ import optax
 from jax.scipy.stats import norm
 
 from diffusion.consistency import bridge
-from diffusion.consistency.edm import NetFn, Precond, denoise, edm_loss
+from diffusion.consistency.edm import NetFn, Precond, denoise, denoise_from_x0, edm_loss
 from diffusion.denoiser import Denoiser
 from diffusion.objectives.base import Objective, check_not_learned_sigma, unchanged
 from diffusion.objectives.consistency_config import (precond_from_config, section,
@@ -70,13 +70,38 @@ def common_step_args(run) -> dict:
                 ema_rate=c.ema.decay, ema_warmup=c.ema.warmup)
 
 
+PARAMETERISATIONS = ("edm", "diffusion")
+
+
+def sigma_space_fn(run, consistency: bool) -> Callable:
+    """d(net, x_ve, sigma, y): the sigma-space denoiser (EDM) or consistency function of
+    a network net, as consistency.parameterisation says (see consistency_config)."""
+    precond = precond_from_config(run.config, consistency)
+    kind = str(section(run.config).get("parameterisation", "edm"))
+    if kind not in PARAMETERISATIONS:
+        raise ValueError(f"unknown consistency.parameterisation {kind!r}; known: "
+                         f"{', '.join(PARAMETERISATIONS)}")
+    if kind == "edm":
+        return lambda net, x, sigma, y: denoise(net, x, sigma, y, precond)
+    if not consistency:
+        raise ValueError("consistency.parameterisation='diffusion' is for the consistency "
+                         "objectives; the EDM objective trains the EDM-preconditioned network")
+    pred_type = str(run.config.diffusion.pred_type)
+
+    def d(net, x, sigma, y):
+        den = Denoiser(net, run.schedule, pred_type)
+        return denoise_from_x0(lambda xx, s: bridge.sigma_space_x0(den, xx, s, y), x, sigma,
+                               precond)
+    return d
+
+
 def sigma_space_denoiser(consistency: bool) -> Callable:
     """denoiser(run, params) of a sigma-space network (EDM, or a consistency model)."""
     def make(run, params) -> Denoiser:
-        precond = precond_from_config(run.config, consistency)
+        d = sigma_space_fn(run, consistency)
         net = flax_net_fn(run.model, params, train=False)
         clip = run.config.sample.clip_x0 if run.config.sample.clip_x0 > 0 else None
-        return bridge.ve_denoiser(lambda x, sigma, y: denoise(net, x, sigma, y, precond),
+        return bridge.ve_denoiser(lambda x, sigma, y: d(net, x, sigma, y),
                                   ve_schedule_from_config(run.config), clip)
     return make
 
@@ -84,6 +109,7 @@ def sigma_space_denoiser(consistency: bool) -> Callable:
 def _make_step(run) -> Callable:
     check_not_learned_sigma(run)
     s = section(run.config)
+    sigma_space_fn(run, False)  # rejects a consistency-only parameterisation
     return make_edm_train_step(run.model, run.tx, run.lr_fn,
                                precond=precond_from_config(run.config, False),
                                p_mean=float(s.p_mean), p_std=float(s.p_std),
