@@ -240,7 +240,7 @@ def main(argv: Sequence[str]) -> None:
                                if k not in ("features", "probs")), flush=True)
 
     references = []
-    for ref in parse_samplers(args.reference):
+    for ref in (parse_samplers(args.reference) if args.reference else []):
         options = dict(ref.options)
         steps = int(options.pop("steps"))
         add(ref.label, ref.name, options, "reference", steps,

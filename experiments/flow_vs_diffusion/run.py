@@ -1,0 +1,166 @@
+"""Flow matching vs v-prediction diffusion on Fashion-MNIST, and the few-step models
+built on them (2-rectified flow, consistency distillation): FID at equal NFE.
+
+    python -m experiments.flow_vs_diffusion.run \
+        --diffusion runs/flow_vs_diffusion/train.objective=diffusion \
+        --flow runs/flow_vs_diffusion/train.objective=flow \
+        --reflow runs/reflow_fashion_mnist --cd runs/cd_default --num_samples 2000
+
+Each model given is measured by `experiments.sampler_benchmark.fid_table` (one process
+per model, features cached in OUT/tables/MODEL/features, so an interrupted study resumes)
+with the samplers of ARMS at its NFEs: FID in the shipped classifier's features against
+the test split, 95 % bootstrap intervals over the samples, the same initial noise per
+sample index in every row. Then OUT/results.csv (model,sampler,nfe,num_samples,fid,
+fid_lo,fid_hi) and OUT/results.md: one table of FID by NFE, the few-step comparison, and
+the analytic VP-vs-flow table of experiments/sampler_benchmark (exact ground truth).
+A model not given is left out of the tables.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from typing import Sequence
+
+from absl import app, flags
+
+from diffusion import cli
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ANALYTIC = os.path.join(os.path.dirname(HERE), "sampler_benchmark", "gmm2d", "vp_vs_flow.md")
+COLUMNS = ("model", "sampler", "nfe", "num_samples", "fid", "fid_lo", "fid_hi")
+# model -> (what it is, samplers, target NFEs)
+ARMS = {
+    "diffusion": ("v-prediction diffusion (configs/default.py)", "ddim,dpmpp_2m",
+                  "1,2,4,8,16,50"),
+    "flow": ("flow matching (the same network, data, optimizer and steps)",
+             "flow_euler,dpmpp_2m", "1,2,4,8,16,50"),
+    "reflow": ("2-rectified flow (reflow of the flow model)", "flow_euler", "1,2,4"),
+    "cd": ("consistency distillation of the diffusion model", "consistency", "1,2,4"),
+}
+
+FLAGS = flags.FlagValues()
+for _name, (_what, _, _) in ARMS.items():
+    flags.DEFINE_string(_name, "", f"workdir of the {_what} (\"\" = left out)",
+                        flag_values=FLAGS)
+flags.DEFINE_integer("num_samples", 2000, "samples per row", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 500, "images per sampling call", flag_values=FLAGS)
+flags.DEFINE_string("out", HERE, "where results.csv and results.md go", flag_values=FLAGS)
+
+
+def measure(model: str, workdir: str, out: str, num_samples: int, batch_size: int) -> str:
+    """Runs fid_table for one model; returns its results.csv."""
+    _, sampler_list, nfe = ARMS[model]
+    folder = os.path.join(out, "tables", model)
+    cmd = [sys.executable, "-m", "experiments.sampler_benchmark.fid_table",
+           f"--workdir={workdir}", f"--samplers={sampler_list}", f"--nfe={nfe}",
+           f"--num_samples={num_samples}", "--reference=", f"--batch_size={batch_size}",
+           f"--out={folder}"]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return os.path.join(folder, "results.csv")
+
+
+def collect(tables: dict[str, str]) -> list[dict]:
+    """The rows of each model's results.csv, with the model's name."""
+    rows = []
+    for model, path in tables.items():
+        with open(path) as f:
+            for r in csv.DictReader(f):
+                rows.append(dict(model=model, sampler=r["sampler"], nfe=int(r["nfe"]),
+                                 num_samples=int(r["num_samples"]), fid=float(r["fid"]),
+                                 fid_lo=float(r["fid_lo"]), fid_hi=float(r["fid_hi"])))
+    return rows
+
+
+def _cell(r: dict) -> str:
+    return f"{r['fid']:.2f} [{r['fid_lo']:.2f}, {r['fid_hi']:.2f}]"
+
+
+def _find(rows, model, sampler, nfe):
+    return next((r for r in rows if (r["model"], r["sampler"], r["nfe"]) ==
+                 (model, sampler, nfe)), None)
+
+
+def few_step_lines(rows: list[dict]) -> list[str]:
+    """The few-step comparisons the explainers make, each with its intervals; a
+    difference is claimed only where the intervals are disjoint."""
+    lines = []
+
+    def compare(a, b, what):
+        if a is None or b is None:
+            return
+        if a["fid_hi"] < b["fid_lo"]:
+            verdict = "lower, intervals disjoint"
+        elif a["fid_lo"] > b["fid_hi"]:
+            verdict = "higher, intervals disjoint"
+        else:
+            verdict = "no difference claimed (intervals overlap)"
+        lines.append(f"- {what}: {_cell(a)} vs {_cell(b)}: {verdict}.")
+    for nfe in (1, 2, 4):
+        compare(_find(rows, "flow", "flow_euler", nfe), _find(rows, "diffusion", "ddim", nfe),
+                f"flow (Euler) vs diffusion (DDIM) at {nfe} NFE")
+        compare(_find(rows, "reflow", "flow_euler", nfe), _find(rows, "flow", "flow_euler", nfe),
+                f"2-rectified flow vs flow, Euler at {nfe} NFE")
+        compare(_find(rows, "cd", "consistency", nfe), _find(rows, "diffusion", "ddim", nfe),
+                f"consistency distillation vs its teacher (DDIM) at {nfe} NFE")
+    teacher = _find(rows, "diffusion", "ddim", 50)
+    cd2 = _find(rows, "cd", "consistency", 2)
+    if teacher is not None and cd2 is not None:
+        ratio = cd2["fid"] / teacher["fid"]
+        lines.append(f"- consistency distillation at 2 steps vs the teacher's DDIM at 50 NFE: "
+                     f"{_cell(cd2)} vs {_cell(teacher)}, ratio {ratio:.2f} (target <= 2: "
+                     f"{'met' if ratio <= 2 else 'not met'}).")
+    return lines
+
+
+def write(out: str, rows: list[dict], workdirs: dict[str, str], num_samples: int) -> None:
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k])
+                        for k in COLUMNS})
+    nfes = sorted({r["nfe"] for r in rows})
+    lines = ["# Flow matching vs diffusion on Fashion-MNIST, and few-step models", "",
+             "Measured by `python -m experiments.flow_vs_diffusion.run` "
+             f"(n = {num_samples} samples a row). FID in the shipped Fashion-MNIST "
+             "classifier's features against the test split; [95 % bootstrap interval over "
+             "the samples]. EMA parameters of each run's newest checkpoint.", "",
+             "| model | workdir |", "|---|---|"]
+    lines += [f"| {m}: {ARMS[m][0]} | `{w}` |" for m, w in workdirs.items()]
+    lines += ["", "## FID by NFE", "",
+              "| model | sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+              "|---|---|" + "---|" * len(nfes)]
+    for model in workdirs:
+        for sampler in dict.fromkeys(r["sampler"] for r in rows if r["model"] == model):
+            cells = [_find(rows, model, sampler, n) for n in nfes]
+            lines.append(f"| {model} | {sampler} | " + " | ".join(
+                _cell(c) if c else "" for c in cells) + " |")
+    lines += ["", "## Few steps", ""] + few_step_lines(rows)
+    if os.path.exists(ANALYTIC):
+        with open(ANALYTIC) as f:
+            analytic = f.read().split("\n", 1)[1]
+        lines += ["", "## Exact ground truth: the same samplers on the VP and the "
+                  "rectified-flow path (experiments/sampler_benchmark/gmm2d/vp_vs_flow.md)",
+                  analytic]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv: Sequence[str]) -> list[dict]:
+    if len(cli.parse(FLAGS, argv)) > 1:
+        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    workdirs = {m: getattr(FLAGS, m) for m in ARMS if getattr(FLAGS, m)}
+    if not workdirs:
+        raise app.UsageError("give at least one of --" + ", --".join(ARMS))
+    tables = {m: measure(m, w, FLAGS.out, FLAGS.num_samples, FLAGS.batch_size)
+              for m, w in workdirs.items()}
+    rows = collect(tables)
+    write(FLAGS.out, rows, workdirs, FLAGS.num_samples)
+    return rows
+
+
+if __name__ == "__main__":
+    cli.run(main, FLAGS)
