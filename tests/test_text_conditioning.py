@@ -307,10 +307,12 @@ def test_text_to_image_study_runs_end_to_end(trained, fmnist_dir, tmp_path):
     with open(os.path.join(out, "results.csv")) as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["prompt", "negative_prompt", "guidance", "num_samples",
-                       "class_accuracy", "acc_lo", "acc_hi", "mean_brightness", "fid"]
+                       "class_accuracy", "acc_lo", "acc_hi", "mean_brightness", "fid",
+                       "fid_lo", "fid_hi"]
     assert len(rows) == 1 + 2 * 11 + 2 + 2  # 2 weights x (10 + pooled), tone, footwear
     pooled = [r for r in rows[1:] if r[0] == study_prompts.ALL_CLASSES]
-    assert [r[2] for r in pooled] == ["1.0", "3.0"] and all(float(r[8]) > 0 for r in pooled)
+    assert [r[2] for r in pooled] == ["1.0", "3.0"]
+    assert all(0 <= float(r[9]) <= float(r[8]) <= float(r[10]) for r in pooled)
     assert ["footwear", "sneaker", "3.0", "2"] == [r for r in rows if r[1] == "sneaker"][0][:4]
     for r in rows[1:]:
         assert 0 <= float(r[5]) <= float(r[4]) <= float(r[6]) <= 1
@@ -319,3 +321,9 @@ def test_text_to_image_study_runs_end_to_end(trained, fmnist_dir, tmp_path):
     assert "## Guidance sweep" in md and "n = 2 samples per prompt" in md
     grid = np.asarray(Image.open(os.path.join(out, "grid.png")))
     assert grid.shape[0] == 14 * 8 + 15 * 2  # 10 class + 2 tone + 2 footwear rows
+    # A second run reads each weight's samples from the cache: the same table.
+    assert len(os.listdir(os.path.join(out, "cache"))) == 2
+    again = study.main(["run", f"--workdir={trained}", f"--out={out}", "--num=2",
+                        "--sweep=1,3", "--tone_classes=7", "--steps=2", "--batch_size=8",
+                        f"--reference_dir={fmnist_dir}"])
+    assert again["rows"] == result["rows"]

@@ -28,17 +28,18 @@ class Row(NamedTuple):
     num_samples: int
     accuracy: scores.Share      # share in the named classes, Wilson 95% interval
     brightness: scores.Share    # mean foreground level in [0, 1], mean +- 1.96 SE
-    fid: float | None           # only for the pooled class prompts
+    fid: scores.Share | None    # only for the pooled class prompts (bootstrap 95%)
 
     def csv_fields(self) -> list:
+        fid = ["", "", ""] if self.fid is None else [
+            f"{v:.3f}" for v in (self.fid.value, self.fid.lo, self.fid.hi)]
         return [self.prompt, self.negative_prompt, self.guidance, self.num_samples,
                 f"{self.accuracy.value:.4f}", f"{self.accuracy.lo:.4f}",
-                f"{self.accuracy.hi:.4f}", f"{self.brightness.value:.4f}",
-                "" if self.fid is None else f"{self.fid:.3f}"]
+                f"{self.accuracy.hi:.4f}", f"{self.brightness.value:.4f}", *fid]
 
 
 CSV_COLUMNS = ["prompt", "negative_prompt", "guidance", "num_samples", "class_accuracy",
-               "acc_lo", "acc_hi", "mean_brightness", "fid"]
+               "acc_lo", "acc_hi", "mean_brightness", "fid", "fid_lo", "fid_hi"]
 
 
 def class_prompts() -> list[str]:
@@ -87,7 +88,7 @@ def brightness(images: np.ndarray) -> np.ndarray:
 
 
 def score(prompt: str, negative: str, guidance: float, images: np.ndarray,
-          probs: np.ndarray, fid: float | None = None,
+          probs: np.ndarray, fid: scores.Share | None = None,
           targets: Sequence[int] | None = None) -> Row:
     """A Row for samples images [n, H, W, C] in [-1, 1] with classifier probs [n, K]."""
     goal = set(targets) if targets is not None else target_classes(prompt, negative)

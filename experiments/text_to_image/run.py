@@ -7,12 +7,15 @@ The run (configs/text_fashion_mnist.py) is loaded with `diffusion.load` (EMA par
 its newest checkpoint) and sampled `--num` times per prompt:
   * class prompts "a photo of a {class}" at every guidance weight of --sweep: the share
     classified as that class (Wilson 95% intervals), per class and pooled, and the FID of
-    the pooled samples against the test split in the classifier's features;
+    the pooled samples against the test split in the classifier's features (95%
+    bootstrap interval over the samples);
   * at --guidance: "a photo of a dark X" vs "a photo of a light X" for each class of
     --tone_classes (mean foreground brightness, +- 1.96 SE), and "footwear" with and
     without the negative prompt "sneaker" (share of sneakers).
 Writes results.csv (columns prompts.CSV_COLUMNS), results.md and grid.png (one row per
 prompt at --guidance) into --out. Every number in them is measured by this script.
+The samples of each guidance weight are kept in OUT/cache/ (float16), so an interrupted
+study resumes at the weight it stopped in.
 """
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ from diffusion import cli, images
 from diffusion.data import BatchIterator, make_source
 from diffusion.evaluation import classifier_features, compute_features
 from diffusion.evaluation.classifier import DEFAULT_WEIGHTS, fit_to_classifier
-from diffusion.evaluation.frechet import frechet_distance, stats_from_features
-from diffusion.evaluation.prompts import mean_interval, wilson_share
+from diffusion.evaluation.frechet import bootstrap_fid
+from diffusion.evaluation.prompts import Share, mean_interval, wilson_share
 from experiments.text_to_image import prompts as P
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -77,11 +80,22 @@ def _reference(net, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sample(pipe, pairs, w: float, sampler: str, steps: int) -> list[np.ndarray]:
-    """[n, H, W, C] per (prompt, negative) pair, prompt-major as Pipeline.sample draws."""
+    """[n, H, W, C] per (prompt, negative) pair, prompt-major as Pipeline.sample draws;
+    read from OUT/cache when this weight was sampled before with the same settings."""
+    key = f"w{w:g}_{sampler}_{steps}_n{FLAGS.num}_seed{FLAGS.seed}_step{pipe.step}"
+    path = os.path.join(FLAGS.out, "cache", key + ".npz")
+    texts = np.array([f"{p}\x00{n}" for p, n in pairs])
+    if os.path.exists(path):
+        with np.load(path) as d:
+            if list(d["pairs"]) == list(texts):
+                return np.split(d["x"].astype(np.float32), len(pairs))
     x = pipe.sample(sampler, steps, FLAGS.num, seed=FLAGS.seed, guidance=w,
                     batch_size=FLAGS.batch_size, prompt=[p for p, _ in pairs],
                     negative_prompt=[n for _, n in pairs])
-    return np.split(x, len(pairs))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path + ".tmp.npz", x=x.astype(np.float16), pairs=texts)
+    os.replace(path + ".tmp.npz", path)
+    return np.split(x.astype(np.float16).astype(np.float32), len(pairs))
 
 
 def measure(pipe, net, ref: tuple, plan: dict, sampler: str, steps: int):
@@ -99,8 +113,7 @@ def measure(pipe, net, ref: tuple, plan: dict, sampler: str, steps: int):
                 sneakers[negative] = P.share_in(P.predicted(pr), {SNEAKER})
             if w == FLAGS.guidance:
                 shown[(prompt, negative)] = xs
-        mu, cov = stats_from_features(feats["features"][:n_class])
-        fid = float(frechet_distance(mu, cov, *ref))
+        fid = Share(*bootstrap_fid(feats["features"][:n_class], *ref), n_class)
         pooled = np.concatenate(probs[:P.NUM_CLASSES])
         labels = np.repeat(np.arange(P.NUM_CLASSES), FLAGS.num)
         hits = int((P.predicted(pooled) == labels).sum())
@@ -122,7 +135,8 @@ def write_markdown(path: str, rows: list, sneakers: dict, meta: dict) -> None:
              f"({' '.join(meta['argv'])}).", "",
              f"Run {meta['workdir']} at step {meta['step']}; {meta['sampler']} with "
              f"{meta['steps']} steps, seed {FLAGS.seed}, n = {FLAGS.num} samples per prompt. "
-             "Intervals: Wilson 95% for shares, mean +- 1.96 SE for brightness.", "",
+             "Intervals: Wilson 95% for shares, mean +- 1.96 SE for brightness, 95% "
+             "bootstrap over the samples for FID.", "",
              f"## Class prompts at w = {g:g}", "", "| prompt | class accuracy |",
              "|---|---|"]
     for p in P.class_prompts():
@@ -143,7 +157,8 @@ def write_markdown(path: str, rows: list, sneakers: dict, meta: dict) -> None:
               "|---|---|---|"]
     for r in rows:
         if r.prompt == P.ALL_CLASSES:
-            lines.append(f"| {r.guidance:g} | {_interval(r.accuracy)} | {r.fid:.2f} |")
+            fid = f"{r.fid.value:.2f} [{r.fid.lo:.2f}, {r.fid.hi:.2f}]"
+            lines.append(f"| {r.guidance:g} | {_interval(r.accuracy)} | {fid} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
