@@ -14,7 +14,7 @@ buckets.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -112,6 +112,18 @@ def loss_buckets(per_example: jnp.ndarray, u: jnp.ndarray) -> dict:
     (0, 1] falls in bucket b of NUM_LOSS_BUCKETS equal parts (b = 0: the least noise)}."""
     means = losses.bucket_means(per_example, u, NUM_LOSS_BUCKETS)
     return {f"loss_t{b}": means[b] for b in range(NUM_LOSS_BUCKETS)}
+
+
+def gradient_step(state: TrainState, loss_fn: Callable, tx: optax.GradientTransformation,
+                  lr_fn: optax.Schedule, *, ema_rate: float, ema_warmup: bool
+                  ) -> tuple[TrainState, dict]:
+    """One optimizer step on loss_fn(params) -> (mean loss, (per-example loss [B],
+    noise level u [B] in (0, 1])): (new state, the step's metrics with loss buckets)."""
+    (loss, (per_example, u)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state, decay = apply_gradients(state, grads, tx, ema_rate=ema_rate,
+                                       ema_warmup=ema_warmup)
+    metrics = step_metrics(state, loss, grads, lr_fn, decay)
+    return new_state, dict(metrics, **loss_buckets(per_example, u))
 
 
 def drop_labels(key: jax.Array, y: jnp.ndarray, p: float, null: Any = -1) -> jnp.ndarray:

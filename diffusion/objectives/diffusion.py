@@ -24,8 +24,7 @@ from diffusion.models.text_conditional import TextConditional, denoise_fn, negat
 from diffusion.objectives.base import Objective, unchanged
 from diffusion.samplers.options import with_dynamic_thresholding
 from diffusion.schedules import Schedule
-from diffusion.train_state import (TrainState, apply_gradients, drop_labels, loss_buckets,
-                                   step_metrics)
+from diffusion.train_state import TrainState, drop_labels, gradient_step
 
 
 def make_train_step(model, schedule: Schedule, tx: optax.GradientTransformation,
@@ -60,11 +59,8 @@ def make_train_step(model, schedule: Schedule, tx: optax.GradientTransformation,
                 vlb_weight=vlb_weight)
             return jnp.mean(per_example), (per_example, t)
 
-        (loss, (per_example, t)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        new_state, decay = apply_gradients(state, grads, tx, ema_rate=ema_rate,
-                                           ema_warmup=ema_warmup)
-        metrics = step_metrics(state, loss, grads, lr_fn, decay)
-        return new_state, dict(metrics, **loss_buckets(per_example, t))
+        return gradient_step(state, loss_fn, tx, lr_fn, ema_rate=ema_rate,
+                             ema_warmup=ema_warmup)
 
     return train_step
 

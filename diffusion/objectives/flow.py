@@ -29,8 +29,7 @@ from diffusion.objectives.base import Objective, check_not_learned_sigma, unchan
 from diffusion.objectives.flow_config import loss_kwargs, path_from_config, section
 from diffusion.paths import GaussianPath
 from diffusion.samplers.options import with_dynamic_thresholding
-from diffusion.train_state import (TrainState, apply_gradients, drop_labels, loss_buckets,
-                                   step_metrics)
+from diffusion.train_state import TrainState, drop_labels, gradient_step
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +62,8 @@ def make_flow_train_step(model, path: GaussianPath, tx: optax.GradientTransforma
                                                               eps=eps, **loss_kwargs)
             return jnp.mean(per_example), (per_example, t)
 
-        (loss, (per_example, t)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        new_state, decay = apply_gradients(state, grads, tx, ema_rate=ema_rate,
-                                           ema_warmup=ema_warmup)
-        metrics = step_metrics(state, loss, grads, lr_fn, decay)
-        return new_state, dict(metrics, **loss_buckets(per_example, t))
+        return gradient_step(state, loss_fn, tx, lr_fn, ema_rate=ema_rate,
+                             ema_warmup=ema_warmup)
 
     return train_step
 
