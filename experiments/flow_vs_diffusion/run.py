@@ -4,6 +4,7 @@ built on them (2-rectified flow, consistency distillation): FID at equal NFE.
     python -m experiments.flow_vs_diffusion.run \
         --diffusion runs/flow_vs_diffusion/train.objective=diffusion \
         --flow runs/flow_vs_diffusion/train.objective=flow \
+        --flow_pairs runs/flow_vs_diffusion/train.objective=flow \
         --reflow runs/reflow_fashion_mnist --cd runs/cd_default --num_samples 2000
 
 Each model given is measured by `experiments.sampler_benchmark.fid_table` (one process
@@ -36,6 +37,8 @@ ARMS = {
                   "1,2,4,8,16,50"),
     "flow": ("flow matching (the same network, data, optimizer and steps)",
              "flow_euler,dpmpp_2m", "1,2,4,8,16,50"),
+    "flow_pairs": ("the flow model sampled as the reflow pairs were drawn (flow_midpoint, "
+                   "10 steps): the distribution reflow learns", "flow_midpoint", "20"),
     "reflow": ("2-rectified flow (reflow of the flow model)", "flow_euler", "1,2,4"),
     "cd": ("consistency distillation of the diffusion model", "consistency", "1,2,4"),
 }
@@ -103,6 +106,10 @@ def few_step_lines(rows: list[dict]) -> list[str]:
                 f"flow (Euler) vs diffusion (DDIM) at {nfe} NFE")
         compare(_find(rows, "reflow", "flow_euler", nfe), _find(rows, "flow", "flow_euler", nfe),
                 f"2-rectified flow vs flow, Euler at {nfe} NFE")
+        compare(_find(rows, "reflow", "flow_euler", nfe),
+                _find(rows, "flow_pairs", "flow_midpoint", 20),
+                f"2-rectified flow (Euler, {nfe} NFE) vs the pairs' sampler (flow model, "
+                f"midpoint, 20 NFE)")
         compare(_find(rows, "cd", "consistency", nfe), _find(rows, "diffusion", "ddim", nfe),
                 f"consistency distillation vs its teacher (DDIM) at {nfe} NFE")
     teacher = _find(rows, "diffusion", "ddim", 50)
