@@ -9,8 +9,10 @@ data, optimizer and steps trained by flow matching (configs/flow_fashion_mnist.p
 runs arm I). Both arms sample and evaluate with DDIM, which runs on either path (on
 the flow path it is Euler in x / alpha and sigma / alpha), so the in-training FID
 compares the models and not the samplers; afterwards compare every sampler at equal NFE
-with `diffusion.load(WORKDIR/ARM).sample(sampler, steps=N)`. What it should show
-(expected, not yet measured): similar FID at 50 steps; flow matching ahead at few steps.
+with `python -m experiments.flow_vs_diffusion.run`. Measured (2026-12-02, n = 2000,
+experiments/flow_vs_diffusion/results.md): the flow arm below the diffusion arm at every
+NFE from 1 to 50, with Euler-type samplers and with DPM-Solver++(2M) (50 NFE Euler/DDIM:
+FID 11.2 [9.7, 13.3] vs 16.2 [15.0, 17.6]).
 Tiny mode for tests: configs/flow_vs_diffusion.py:runlocal
 """
 from configs import default

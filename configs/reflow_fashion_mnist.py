@@ -10,8 +10,9 @@ The second command draws 50000 (sample, noise) pairs from the flow model (flow_m
 with eps the noise each sample came from, target eps - x0), starting from the flow
 model's EMA params (flow.init_workdir) as Liu et al. (2023) do, with uniform times,
 which train t = 1 where a one-step sampler evaluates. Samples with flow_euler at 4
-steps, the in-training FID at 2. What it should reach (expected, not yet measured):
-1-, 2- and 4-step flow_euler samples far sharper than the flow model's at the same NFE.
+steps, the in-training FID at 2. Measured with 10,000 pairs and 1500 steps
+(experiments/flow_vs_diffusion/README.md has the commands): flow_euler FID 13.8, 6.8
+and 4.1 at 1, 2 and 4 steps (n = 2000) against the flow model's 238, 119 and 52.
 Tiny mode for tests (needs a pairs file of 8x8x3 images, e.g. from a run of
 configs/flow_fashion_mnist.py:runlocal): configs/reflow_fashion_mnist.py:runlocal
 with --config.data.source=pairs:FILE.npy
