@@ -10,8 +10,9 @@ the images: BatchIterator asks `source.conditioning(indices, epochs, seed)` for 
 Horizontal flips leave every fact (class, tone, size) true, so they stay allowed.
 Token ids come from a table of every caption tokenized once, so a batch costs one
 lookup. With embeddings of that table (`with_caption_embeddings`, the cache of a frozen
-text encoder) batches carry context=float32 [B, L, D] rows of it instead of tokens. The tokenizer is the demo vocabulary (`captions.demo_tokenizer`) unless a
-folder of CLIP tokenizer files is given.
+text encoder) batches carry context=float32 [B, L, D] rows of it instead of tokens.
+The tokenizer is the demo vocabulary (`captions.demo_tokenizer`) unless a folder of CLIP
+tokenizer files is given.
 """
 from __future__ import annotations
 
