@@ -350,26 +350,38 @@ def test_ct_target_network_starts_equal_to_online(tmp_path):
     _assert_trees_equal(state.aux["target"], state.params)
 
 
-def test_cd_loads_its_teacher_and_starts_from_it(tmp_path):
-    """A teacher workdir written by this codebase (EDM, tiny) -> aux['teacher'] holds its
-    EMA params; with init_from_teacher online, target and EMA params all start there."""
-    from configs import cd_fashion_mnist, edm_fashion_mnist
-    from diffusion.config_file import write_config
-    from diffusion.objectives.consistency import teacher_fn
-    from diffusion.train.setup import build_run
+def _smaller(c):
+    """Fewer arrays: orbax's per-array cost dominates the teacher tests otherwise."""
+    c.model.unet.update(ch_mult=(1,), attn_resolutions=())
+    return c
 
-    def smaller(c):  # fewer arrays: orbax's per-array cost dominates this test otherwise
-        c.model.unet.update(ch_mult=(1,), attn_resolutions=())
-        return c
-    t_cfg, t_dir = smaller(edm_fashion_mnist.get_config("runlocal")), str(tmp_path / "teacher")
+
+def _saved_teacher(t_cfg, t_dir: str):
+    """A teacher workdir (config.json and one checkpoint at step 7 of a fake state) of
+    the smaller `t_cfg`; returns the state saved."""
+    from diffusion.config_file import write_config
+    from diffusion.train.setup import build_run
+    t_cfg = _smaller(t_cfg)
     t_run = build_run(t_cfg, t_dir)
     t_state = _fake_state(t_run, seed=1)
     write_config(t_cfg, t_dir)
     t_run.checkpointer.save(7, t_state)
     t_run.checkpointer.wait()
     t_run.checkpointer.close()
+    return t_state
 
-    cfg = smaller(cd_fashion_mnist.get_config("runlocal"))
+
+def test_cd_loads_its_teacher_and_starts_from_it(tmp_path):
+    """A teacher workdir written by this codebase (EDM, tiny) -> aux['teacher'] holds its
+    EMA params; with init_from_teacher online, target and EMA params all start there."""
+    from configs import cd_fashion_mnist, edm_fashion_mnist
+    from diffusion.objectives.consistency import teacher_fn
+    from diffusion.train.setup import build_run
+
+    t_dir = str(tmp_path / "teacher")
+    t_state = _saved_teacher(edm_fashion_mnist.get_config("runlocal"), t_dir)
+
+    cfg = _smaller(cd_fashion_mnist.get_config("runlocal"))
     with pytest.raises(ValueError, match="teacher_workdir is empty"):
         build_run(cfg, str(tmp_path / "no_teacher"))
     cfg.consistency.teacher_workdir = t_dir
@@ -400,24 +412,15 @@ def test_diffusion_parameterised_student_starts_as_its_v_prediction_teacher(tmp_
     default): a student started from a v-prediction teacher is c_skip x + (1 - c_skip)
     times the teacher's x0 at every sigma, and exactly x at sigma_min."""
     from configs import cd_fashion_mnist, default
-    from diffusion.config_file import write_config
     from diffusion.consistency.edm import consistency_scalings
     from diffusion.objectives.consistency import teacher_fn
     from diffusion.objectives.edm import flax_net_fn, sigma_space_fn
     from diffusion.train.setup import build_run
 
-    def smaller(c):
-        c.model.unet.update(ch_mult=(1,), attn_resolutions=())
-        return c
-    t_cfg, t_dir = smaller(default.get_config("runlocal")), str(tmp_path / "teacher")
-    t_run = build_run(t_cfg, t_dir)
-    t_state = _fake_state(t_run, seed=1)
-    write_config(t_cfg, t_dir)
-    t_run.checkpointer.save(7, t_state)
-    t_run.checkpointer.wait()
-    t_run.checkpointer.close()
+    t_dir = str(tmp_path / "teacher")
+    t_state = _saved_teacher(default.get_config("runlocal"), t_dir)
 
-    cfg = smaller(cd_fashion_mnist.get_config("teacher=default,runlocal"))
+    cfg = _smaller(cd_fashion_mnist.get_config("teacher=default,runlocal"))
     cfg.consistency.teacher_workdir = t_dir
     assert cfg.diffusion.pred_type == "v" and cfg.consistency.parameterisation == "diffusion"
     run = build_run(cfg, str(tmp_path / "student"))
@@ -437,7 +440,7 @@ def test_diffusion_parameterised_student_starts_as_its_v_prediction_teacher(tmp_
     other = build_run(cfg, str(tmp_path / "eps_student"))
     with pytest.raises(ValueError, match="diffusion.pred_type='eps' but the teacher's is 'v'"):
         other.objective.prepare(other, _fake_state(other, seed=2))
-    edm = smaller(cd_fashion_mnist.get_config("teacher=default,runlocal"))
+    edm = _smaller(cd_fashion_mnist.get_config("teacher=default,runlocal"))
     edm.train.objective = "edm"
     edm_run = build_run(edm, str(tmp_path / "edm"))
     with pytest.raises(ValueError, match="for the consistency objectives"):
