@@ -126,6 +126,29 @@ def gradient_step(state: TrainState, loss_fn: Callable, tx: optax.GradientTransf
     return new_state, dict(metrics, **loss_buckets(per_example, u))
 
 
+def same_shapes(a: Any, b: Any) -> bool:
+    """Whether two parameter trees have one structure and equal leaf shapes."""
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        x.shape == y.shape for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def placed_copy(tree: Any, sharding: Any) -> Any:
+    """`tree` (host or device arrays) copied onto `sharding`, a buffer of its own per
+    leaf: the train step donates the whole state, so no two state fields may share one."""
+    return jax.tree.map(lambda a, s: jax.device_put(jnp.array(a), s), tree, sharding)
+
+
+def restart_from(state: TrainState, params: Any, sharding: Any,
+                 tx: optax.GradientTransformation) -> TrainState:
+    """`state` with params and EMA both set to `params`, placed as `sharding` (the
+    state's sharding) says, and a fresh optimizer state: how a run starts from weights
+    it did not train (a teacher, a pretrained encoder)."""
+    new = placed_copy(params, sharding.params)
+    opt_state = jax.jit(tx.init, out_shardings=sharding.opt_state)(new)
+    return state.replace(params=new, ema_params=placed_copy(params, sharding.ema_params),
+                         opt_state=opt_state)
+
+
 def drop_labels(key: jax.Array, y: jnp.ndarray, p: float, null: Any = -1) -> jnp.ndarray:
     """Replaces each row of y by `null` with probability p, for classifier-free guidance:
     labels y [B] by the null label -1, or captions y [B, L] (token ids) by the empty

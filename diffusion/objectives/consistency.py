@@ -45,7 +45,8 @@ from diffusion.objectives.consistency_config import (precond_from_config, sectio
 from diffusion.objectives.edm import (common_step_args, flax_net_fn, sigma_space_denoiser,
                                       sigma_space_fn)
 from diffusion.train_state import (TrainState, apply_gradients, drop_labels, ema_update,
-                                   loss_buckets, step_metrics)
+                                   loss_buckets, placed_copy, restart_from, same_shapes,
+                                   step_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -210,21 +211,13 @@ def _cd_prepare(run, state):
     aux = dict(state.aux, teacher=teacher)
     if not section(run.config).init_from_teacher:
         return state.replace(aux=aux)
-    if (jax.tree.structure(teacher) != jax.tree.structure(state.params) or any(
-            a.shape != b.shape for a, b in zip(jax.tree.leaves(teacher),
-                                               jax.tree.leaves(state.params)))):
+    if not same_shapes(teacher, state.params):
         raise ValueError("consistency.init_from_teacher needs the student network to be "
                          "the teacher's (same model config); they differ")
     _check_same_reading(run, t)
-    # Separate buffers per copy: the train step donates the whole state.
-    copies = lambda sharding: jax.tree.map(lambda a, s: jax.device_put(jnp.copy(a), s),
-                                           teacher, sharding)
-    params = copies(shard.params)
     if "target" in aux:
-        aux["target"] = copies(shard.aux["target"])
-    opt_state = jax.jit(run.tx.init, out_shardings=shard.opt_state)(params)
-    return state.replace(params=params, ema_params=copies(shard.ema_params),
-                         opt_state=opt_state, aux=aux)
+        aux["target"] = placed_copy(teacher, shard.aux["target"])
+    return restart_from(state, teacher, shard, run.tx).replace(aux=aux)
 
 
 def _check_same_reading(run, t) -> None:

@@ -67,8 +67,11 @@ def make_train_step(model, schedule: Schedule, tx: optax.GradientTransformation,
 
 def _make_step(run) -> Callable:
     c = run.config
-    text = isinstance(run.model, TextConditional)
-    cached = getattr(run.source, "null_context", None) if text else None
+    caption_key, null = "tokens", None
+    if isinstance(run.model, TextConditional):  # cached embeddings, else token ids
+        cached = getattr(run.source, "null_context", None)
+        caption_key, null = (("context", cached) if cached is not None
+                             else ("tokens", run.source.null_tokens))
     return make_train_step(
         run.model, run.schedule, run.tx, run.lr_fn, pred_type=c.diffusion.pred_type,
         weighting=c.diffusion.weighting, min_snr_gamma=c.diffusion.min_snr_gamma,
@@ -76,9 +79,8 @@ def _make_step(run) -> Callable:
         learned_sigma=c.diffusion.learned_sigma, vlb_weight=c.diffusion.vlb_weight,
         num_classes=run.num_classes, label_dropout=c.conditioning.label_dropout,
         ema_rate=c.ema.decay, ema_warmup=c.ema.warmup,
-        null_tokens=(cached if cached is not None else run.source.null_tokens) if text else None,
-        caption_dropout=float(c.conditioning.get("caption_dropout", 0.0)),
-        caption_key="context" if cached is not None else "tokens")
+        null_tokens=null, caption_dropout=float(c.conditioning.get("caption_dropout", 0.0)),
+        caption_key=caption_key)
 
 
 def diffusion_denoiser(run, params) -> Denoiser:

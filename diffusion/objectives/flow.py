@@ -29,7 +29,8 @@ from diffusion.objectives.base import Objective, check_not_learned_sigma, unchan
 from diffusion.objectives.flow_config import loss_kwargs, path_from_config, section
 from diffusion.paths import GaussianPath
 from diffusion.samplers.options import with_dynamic_thresholding
-from diffusion.train_state import TrainState, drop_labels, gradient_step
+from diffusion.train_state import (TrainState, drop_labels, gradient_step, restart_from,
+                                   same_shapes)
 
 log = logging.getLogger(__name__)
 
@@ -114,20 +115,11 @@ def init_from_workdir(run, state):
     except FileNotFoundError as e:
         raise FileNotFoundError(f"flow.init_workdir={t.workdir} has no finished "
                                 f"checkpoint: train that run first ({e})") from None
-    if (jax.tree.structure(loaded.params) != jax.tree.structure(state.params) or any(
-            a.shape != b.shape for a, b in zip(jax.tree.leaves(loaded.params),
-                                               jax.tree.leaves(state.params)))):
+    if not same_shapes(loaded.params, state.params):
         raise ValueError(f"flow.init_workdir={t.workdir}: its network differs from this "
                          "run's (model config); start from a run of the same model")
     log.info("starting from the EMA params of %s (step %d)", t.workdir, loaded.step)
-    shard = run.state_sharding
-    # Separate buffers per copy: the train step donates the whole state.
-    copies = lambda sharding: jax.tree.map(lambda a, s: jax.device_put(jnp.copy(a), s),
-                                           loaded.params, sharding)
-    params = copies(shard.params)
-    opt_state = jax.jit(run.tx.init, out_shardings=shard.opt_state)(params)
-    return state.replace(params=params, ema_params=copies(shard.ema_params),
-                         opt_state=opt_state)
+    return restart_from(state, loaded.params, run.state_sharding, run.tx)
 
 
 FLOW = Objective(step_maker(coupled=False), unchanged, init_from_workdir, flow_denoiser,

@@ -24,11 +24,11 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from diffusion.convert.clip_text import load_clip_text
 from diffusion.models.text_conditional import TextConditional
+from diffusion.train_state import restart_from, same_shapes
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +45,11 @@ def load_pretrained(run, state):
     if not path:
         return state
     _, weights = load_clip_text(path)
-    ours = state.params["text"]
-    if jax.tree.structure(weights) != jax.tree.structure(ours) or any(
-            a.shape != b.shape for a, b in zip(jax.tree.leaves(weights), jax.tree.leaves(ours))):
+    if not same_shapes(weights, state.params["text"]):
         raise ValueError(f"model.text.pretrained={path!r}: its weights do not fit the text "
                          "encoder its config.json describes")
     log.info("text encoder: pretrained weights from %s", path)
-    shard = run.state_sharding
-
-    def with_text(tree, sharding):  # separate buffers per copy: the step donates the state
-        text = jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a), s),
-                            weights, sharding["text"])
-        return dict(tree, text=text)
-    params = with_text(state.params, shard.params)
-    opt_state = jax.jit(run.tx.init, out_shardings=shard.opt_state)(params)
-    return state.replace(params=params, ema_params=with_text(state.ema_params, shard.ema_params),
-                         opt_state=opt_state)
+    return restart_from(state, dict(state.params, text=weights), run.state_sharding, run.tx)
 
 
 def encode_captions(model: TextConditional, text_params, tokens: np.ndarray,
