@@ -84,6 +84,29 @@ class _QuietDiskErrors(logging.Filter):
 _QUIET = _QuietDiskErrors()
 
 
+def _one_copy_per_array() -> None:
+    """In a one-process job, orbax writes each array from one device.
+
+    Off GPU, orbax's jax.Array handler defaults to replica-parallel saving: each
+    replicated array is cut into one slice per device, and each slice is its own device
+    op and host copy, so that several hosts can share the write. With one process there is
+    nobody to share with; on 8 CPU devices that cost 3.5 s of a tiny run's 4.3 s save
+    (BENCHMARKS.md). This sets the handler orbax itself uses on GPU (replica-parallel off)
+    for jax.Array, process-wide, and only when there is a single process. What is on disk
+    is the same arrays; multi-process jobs keep orbax's default.
+    """
+    if jax.process_count() > 1:
+        return
+    current = ocp.type_handlers.get_type_handler(jax.Array)
+    if getattr(current, "_diffusion_one_copy", False):
+        return
+    handler = ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=False,
+        array_metadata_store=getattr(current, "_array_metadata_store", None))
+    handler._diffusion_one_copy = True
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
 def _quiet_closed_loop_callbacks() -> None:
     """After a failed async save, tensorstore's pending writes still call back into
     the event loop orbax has already closed; each callback's RuntimeError went through
@@ -173,6 +196,7 @@ class Checkpointer:
         self._swept = False
         self._in_flight: int | None = None  # step of the save not yet known to be done
         _quiet_closed_loop_callbacks()
+        _one_copy_per_array()
         for name in ("absl", "orbax", "asyncio"):
             if _QUIET not in logging.getLogger(name).filters:
                 logging.getLogger(name).addFilter(_QUIET)

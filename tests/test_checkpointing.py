@@ -304,3 +304,31 @@ def test_full_disk_checkpoint_fails_with_a_clear_error(tmp_path):
         assert ckpt.all_steps() == []
     finally:
         os.system(f"umount {mnt}")
+
+
+def test_one_process_writes_each_array_once_and_reads_replica_parallel_saves(tmp_path):
+    """Orbax's CPU default cuts every replicated array into one slice per device (a device
+    op and a host copy each) so that hosts can share a write; with one process the
+    Checkpointer turns that off, and checkpoints written the old way still restore."""
+    default = ocp.type_handlers.get_type_handler(jax.Array)
+    mesh = _mesh()
+    rep = NamedSharding(mesh, P())
+    state = {"w": jax.device_put(jnp.arange(24.0).reshape(8, 3), rep),
+             "b": jax.device_put(jnp.ones(5), rep)}
+    old = ocp.type_handlers.ArrayHandler(use_replica_parallel=True)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, old, override=True)
+        ocp.CheckpointManager(str(tmp_path / "old"), item_names=("state", "extra")).save(
+            1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                       extra=ocp.args.JsonSave({"a": 1})))
+        ocp.CheckpointManager(str(tmp_path / "old")).wait_until_finished()
+        ckpt = Checkpointer(str(tmp_path / "new"))
+        assert ocp.type_handlers.get_type_handler(jax.Array)._use_replica_parallel is False
+        with ckpt:
+            ckpt.save(1, state)
+        sh = jax.tree.map(lambda _: rep, state)
+        for d in ("old", "new"):
+            restored, _ = Checkpointer(str(tmp_path / d)).restore(_abstract(state, sh))
+            _assert_same(restored, state)
+    finally:
+        ocp.type_handlers.register_type_handler(jax.Array, default, override=True)
