@@ -18,3 +18,34 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+
+import shutil  # noqa: E402  (after the environment above, like everything that may import JAX)
+
+import filelock  # noqa: E402
+import pytest  # noqa: E402
+
+
+def _shared_root(tmp_path_factory, worker_id):
+    """A folder all xdist workers of this session share (one test session's own)."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_default_run(tmp_path_factory, worker_id):
+    """configs/default.py:runlocal trained once per test session (4 steps, checkpoints at
+    2 and 4, no sample grids), shared by every test file and worker. Read-only: a test
+    that changes a workdir copies this one first."""
+    root = _shared_root(tmp_path_factory, worker_id) / "shared_runs"
+    root.mkdir(exist_ok=True)
+    wd = root / "default_runlocal"
+    with filelock.FileLock(str(root / "default_runlocal.lock")):
+        if not (root / "default_runlocal.done").exists():
+            from configs.default import get_config
+            from diffusion.train import loop
+            shutil.rmtree(wd, ignore_errors=True)
+            cfg = get_config("runlocal")
+            cfg.train.sample_every = 0
+            loop.train_and_evaluate(cfg, str(wd))
+            (root / "default_runlocal.done").touch()
+    return str(wd)

@@ -14,12 +14,10 @@ import numpy as np
 import pytest
 
 import diffusion
-from configs.default import get_config
 from configs.vae_fashion_mnist import get_config as vae_config
 from diffusion import pretrained, sampling
 from diffusion.config_file import read_run_config
 from diffusion.models import build_model
-from diffusion.train import loop
 from diffusion.train.setup import build_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,13 +26,9 @@ NUM, STEPS = 16, 2  # the quickstart's batch: its compiled samplers are shared
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A trained tiny run: checkpoints at steps 2 and 4."""
-    cfg = get_config("runlocal")
-    cfg.train.sample_every = 0
-    wd = str(tmp_path_factory.mktemp("pretrained") / "run")
-    loop.train_and_evaluate(cfg, wd)
-    return wd
+def workdir(tiny_default_run):
+    """A trained tiny run (tests/conftest.py): checkpoints at steps 2 and 4."""
+    return tiny_default_run
 
 
 @pytest.fixture(scope="module")

@@ -44,11 +44,10 @@ def _read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_default_run):
     cfg = get_config("runlocal")
     cfg.train.sample_every = 0
-    full = str(tmp_path / "full")
-    loop.train_and_evaluate(cfg, full)
+    full = tiny_default_run  # that config, trained uninterrupted (tests/conftest.py)
     steps = sorted(int(d) for d in os.listdir(os.path.join(full, "checkpoints")) if d.isdigit())
     assert steps == [2, 4]
     for name in ("config.json", "metrics.jsonl"):
