@@ -2,8 +2,9 @@
 
     python launch.py --config configs/flow_vs_diffusion.py --workdir runs/flow_vs_diffusion --sweep
 
-runs configs/default.py (v-prediction on the cosine schedule) and the same network,
-data, optimizer and steps trained by flow matching (configs/flow_fashion_mnist.py's
+runs configs/default.py (v-prediction on the cosine schedule) at the budget this study
+was measured with (3000 steps at lr 1e-3, `default.with_flow_study_budget`) and the same
+network, data, optimizer and steps trained by flow matching (configs/flow_fashion_mnist.py's
 `flow` section), in runs/flow_vs_diffusion/train.objective=diffusion and
 .../train.objective=flow (`--sweep_print` prints one command per arm, `--sweep_index=I`
 runs arm I). Both arms sample and evaluate with DDIM, which runs on either path (on
@@ -20,7 +21,7 @@ from configs.flow_fashion_mnist import get_config as flow_config
 
 
 def get_config(arg: str = ""):
-    c = default.get_config(arg)
+    c = default.with_flow_study_budget(default.get_config(arg), arg)
     c.flow = flow_config(arg).flow  # read only by the flow arm
     return c
 
