@@ -358,7 +358,7 @@ def test_benchmark_runs_on_the_flow_path_and_compares_it_with_vp(tmp_path):
     from experiments.sampler_benchmark import run
     common = ["--problem", "gaussian2d", "--samplers", "ddim,dpmpp_2m,heun:sigma_max=1.0",
               "--nfe", "9,39", "--num_samples", "64", "--ref_steps", "32",
-              "--baseline_samples", "1000", "--bootstrap", "200", "--out", str(tmp_path)]
+              "--baseline_samples", "1000", "--bootstrap", "50", "--out", str(tmp_path)]
     run.main(["run", *common])
     run.main(["run", *common, "--schedule", "flow"])
     for f in ("results_flow.csv", "results_flow.md", "metrics_flow.png"):

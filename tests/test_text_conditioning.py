@@ -303,7 +303,7 @@ def test_text_to_image_study_runs_end_to_end(trained, fmnist_dir, tmp_path):
     out = str(tmp_path / "study")
     result = study.main(["run", f"--workdir={trained}", f"--out={out}", "--num=2",
                          "--sweep=1,3", "--tone_classes=7", "--steps=2", "--batch_size=8",
-                         f"--reference_dir={fmnist_dir}"])
+                         "--bootstrap=20", f"--reference_dir={fmnist_dir}"])
     with open(os.path.join(out, "results.csv")) as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["prompt", "negative_prompt", "guidance", "num_samples",
@@ -325,5 +325,5 @@ def test_text_to_image_study_runs_end_to_end(trained, fmnist_dir, tmp_path):
     assert len(os.listdir(os.path.join(out, "cache"))) == 2
     again = study.main(["run", f"--workdir={trained}", f"--out={out}", "--num=2",
                         "--sweep=1,3", "--tone_classes=7", "--steps=2", "--batch_size=8",
-                        f"--reference_dir={fmnist_dir}"])
+                        "--bootstrap=20", f"--reference_dir={fmnist_dir}"])
     assert again["rows"] == result["rows"]

@@ -53,6 +53,8 @@ flags.DEFINE_string("sampler", "", "default: the run's sample.sampler", flag_val
 flags.DEFINE_integer("steps", 0, "default: the run's sample.num_steps", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 250, "images per sampling call", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
+flags.DEFINE_integer("bootstrap", 200, "bootstrap resamples of the FID interval",
+                     flag_values=FLAGS)
 flags.DEFINE_string("reference_dir", "", "Fashion-MNIST IDX files of the test split (\"\" = "
                     "Debian's dataset-fashion-mnist)", flag_values=FLAGS)
 flags.DEFINE_string("classifier", DEFAULT_WEIGHTS, "classifier weights", flag_values=FLAGS)
@@ -113,7 +115,8 @@ def measure(pipe, net, ref: tuple, plan: dict, sampler: str, steps: int):
                 sneakers[negative] = P.share_in(P.predicted(pr), {SNEAKER})
             if w == FLAGS.guidance:
                 shown[(prompt, negative)] = xs
-        fid = Share(*bootstrap_fid(feats["features"][:n_class], *ref), n_class)
+        fid = Share(*bootstrap_fid(feats["features"][:n_class], *ref, FLAGS.bootstrap),
+                    n_class)
         pooled = np.concatenate(probs[:P.NUM_CLASSES])
         labels = np.repeat(np.arange(P.NUM_CLASSES), FLAGS.num)
         hits = int((P.predicted(pooled) == labels).sum())
