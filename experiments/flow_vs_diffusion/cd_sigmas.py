@@ -73,7 +73,10 @@ def main(argv: Sequence[str]) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    command = ("python -m experiments.flow_vs_diffusion.cd_sigmas "
+               + " ".join(a for a in argv[1:] if not a.startswith("--out")))
     lines = ["# 2-step consistency sampling: the intermediate sigma", "",
+             "```", command, "```", "",
              f"Run: `{FLAGS.workdir}` (step {bench.step}). FID in the shipped classifier's "
              "features, 95 % bootstrap intervals over the samples.", "",
              "| stage | sigma | seed | n | FID | 95 % interval |",
