@@ -6,9 +6,9 @@ What it reaches (measured on a 2-core x86-64 machine, details in BENCHMARKS.md):
 steps at batch 32, lr 2e-3 with cosine decay; the EMA samples with DDIM-50 are
 recognisable Fashion-MNIST items (shirts, trousers, shoes, bags) with classifier-feature
 FID@500 16.2. On 2 idle cores with launch.py's default 2 CPU devices (3.9 steps/s) the
-whole run took 10 min 21 s: 9 min 26 s to the last step's checkpoint and sample grid,
-55 s for the final FID@500. The earlier default (3000 steps at lr 1e-3) reached 17.3 in
-about 13 minutes of stepping.
+whole run took 10 min 21 s: 9 min 27 s to the last sample grid,
+54 s for the final FID@500. The earlier default (3000 steps at lr 1e-3) reached 17.27
+in 15 min 53 s on the same idle machine; the two FIDs are equal within their intervals.
 Tiny mode for tests: configs/default.py:runlocal
 """
 from configs.base import get_base_config, is_tiny, make_tiny
