@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
+from diffusion.config_file import read_run_config
 from diffusion.train import loop
 from diffusion.train.setup import build_run
 
@@ -45,9 +46,8 @@ def _read_jsonl(path):
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, tiny_default_run):
-    cfg = get_config("runlocal")
-    cfg.train.sample_every = 0
-    full = tiny_default_run  # that config, trained uninterrupted (tests/conftest.py)
+    full = tiny_default_run  # trained uninterrupted (tests/conftest.py)
+    cfg = read_run_config(full)  # the config it was trained with
     steps = sorted(int(d) for d in os.listdir(os.path.join(full, "checkpoints")) if d.isdigit())
     assert steps == [2, 4]
     for name in ("config.json", "metrics.jsonl"):
