@@ -253,6 +253,10 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.dit.update(variant="S/2", hidden_size=32, depth=2, num_heads=2)
     c.diffusion.T = 100
     c.optim.warmup_steps = 2
+    # A constant rate after warm-up: the compiled train step then does not depend on
+    # train.num_steps (a decay's length is a constant of the program), so tiny runs of
+    # any length share one compilation through the compile cache.
+    c.optim.decay = "constant"
     c.train.num_steps = 4
     c.train.log_every = 2
     c.train.checkpoint_every = 2

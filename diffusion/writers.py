@@ -109,8 +109,27 @@ class _SyncEventFileWriter:
         pass
 
 
+def _import_tensorboardx() -> None:
+    """Imports tensorboardX without torch. tensorboardX imports torch whenever it is
+    installed, only to accept torch tensors (nothing here passes one); that import is
+    2.5 s of every process start. With torch masked in sys.modules while tensorboardX
+    loads, it falls back to numpy; an `import torch` anywhere later works as usual."""
+    import sys
+    if "tensorboardX.writer" in sys.modules:
+        return
+    masked = "torch" not in sys.modules
+    if masked:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    try:
+        import tensorboardX.writer  # noqa: F401
+    finally:
+        if masked and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+
+
 def _summary_writer(logdir: str, purge_step: int | None):
     """A tensorboardX SummaryWriter whose file writer is synchronous (no queue thread)."""
+    _import_tensorboardx()
     from tensorboardX import SummaryWriter
     from tensorboardX.proto.event_pb2 import Event, SessionLog
     from tensorboardX.writer import FileWriter

@@ -77,7 +77,7 @@ def test_trajectory_and_callback(name, steps, options):
     assert sorted(calls) == [(i, pytest.approx(float(t), abs=1e-6))
                              for i, t in enumerate(np.asarray(traj.t))]
     np.testing.assert_allclose(np.asarray(fn(DEN, jax.random.key(2), SHAPE, steps,
-                                             **options)), np.asarray(x), atol=1e-5)
+                                             **options)), np.asarray(x), rtol=1e-5, atol=1e-5)
 
 
 def test_inpainting_argument_errors():
