@@ -114,6 +114,7 @@ def _import_tensorboardx() -> None:
     installed, only to accept torch tensors (nothing here passes one); that import is
     2.5 s of every process start. With torch masked in sys.modules while tensorboardX
     loads, it falls back to numpy; an `import torch` anywhere later works as usual."""
+    import importlib
     import sys
     if "tensorboardX.writer" in sys.modules:
         return
@@ -121,7 +122,7 @@ def _import_tensorboardx() -> None:
     if masked:
         sys.modules["torch"] = None  # makes `import torch` raise ImportError
     try:
-        import tensorboardX.writer  # noqa: F401
+        importlib.import_module("tensorboardX.writer")
     finally:
         if masked and sys.modules.get("torch", 0) is None:
             del sys.modules["torch"]

@@ -62,8 +62,9 @@ def test_sample_with_two_samplers(pipe):
         assert x.shape == (NUM, 8, 8, 3) and x.dtype == np.float32
         assert np.isfinite(x).all() and np.abs(x).max() <= 1.0
     again = pipe.sample("heun", steps=STEPS, num=NUM, seed=0, batch_size=8)
-    # The noise does not depend on the batch; the two programs may round differently.
-    np.testing.assert_allclose(again, x, rtol=1e-5, atol=1e-5)
+    # The noise does not depend on the batch (noise drawn per batch would differ by O(1));
+    # the two programs (batch 3 and 8) round differently, by up to about 1e-5.
+    np.testing.assert_allclose(again, x, atol=5e-5)
     with pytest.raises(ValueError, match="unconditional"):
         pipe.sample("ddim", steps=STEPS, num=NUM, labels=[0] * NUM)
 
