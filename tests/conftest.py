@@ -30,42 +30,6 @@ import filelock  # noqa: E402
 import pytest  # noqa: E402
 
 
-# The files whose tests take longest, longest first (seconds summed over a file's tests,
-# measured with the README's command on 2 cores): they start first, so that the two
-# workers of `-n 2 --dist loadfile` end together on short files instead of one of them
-# running a long file alone at the end. Files not listed follow in collection order.
-LONGEST_FIRST = (
-    "test_text_conditioning.py",  # 155 s
-    "test_train.py",              # 104 s
-    "test_reliability.py",        # 94 s
-    "test_stable_diffusion.py",   # 73 s
-    "test_consistency.py",        # 72 s
-    "test_flow_matching.py",      # 72 s
-    "test_pretrained.py",         # 68 s
-    "test_vae_train.py",          # 63 s
-    "test_analytic.py",           # 60 s
-    "test_multihost.py",          # 60 s (one test, two more processes)
-    "test_diffusers_parity.py",   # 40 s
-    "test_dit.py",                # 39 s
-    "test_configs.py",            # 30 s
-    "test_context.py",            # 27 s
-    "test_guidance.py",           # 26 s
-    "test_samplers.py",           # 26 s
-)
-
-
-def pytest_configure(config):
-    # xdist would otherwise order the files by their number of tests, which puts the
-    # one-test multi-host file and the six-test test_train.py last.
-    if hasattr(config.option, "loadscopereorder"):
-        config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable in a file
-
-
 def _shared_root(tmp_path_factory, worker_id):
     """A folder all xdist workers of this session share (one test session's own)."""
     base = tmp_path_factory.getbasetemp()

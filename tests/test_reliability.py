@@ -289,9 +289,13 @@ def test_full_disk_stops_the_run_naming_the_path(tmp_path):
         proc = _launch(str(mnt / "run"), "--config.train.num_steps=100000",
                        "--config.train.sample_every=0", "--config.train.checkpoint_every=2")
         assert proc.returncode == 4, proc.stderr[-6000:]
-        last = proc.stderr.strip().splitlines()[-1]
-        assert "WriteFailed: writing" in last and "No space left" in last and "MB free" in last
-        assert str(mnt / "run") in last
+        # The error line; orbax's background thread may print "Exception ignored ...
+        # Event loop is closed" after it while the interpreter shuts down (1 run in 6).
+        lines = [l for l in proc.stderr.splitlines() if l.startswith("WriteFailed: ")]
+        assert len(lines) == 1, proc.stderr[-6000:]
+        assert lines[0].startswith("WriteFailed: writing") and "No space left" in lines[0]
+        assert "MB free" in lines[0]
+        assert str(mnt / "run") in lines[0]
         assert time.perf_counter() - t0 < 600
     finally:
         os.system(f"umount {mnt}")
