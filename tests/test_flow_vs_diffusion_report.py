@@ -36,3 +36,39 @@ def test_results_combine_the_models_and_claim_only_disjoint_differences(tmp_path
     assert any("at 1 NFE" in l and "lower, intervals disjoint" in l for l in lines)
     assert any("at 2 NFE" in l and "no difference claimed" in l and "flow" in l for l in lines)
     assert any("ratio 2.50 (target <= 2: not met)" in l for l in lines)
+
+
+def test_cd_consistency_error_walks_the_teacher_ode_and_scores_each_level(
+        tiny_default_run, tmp_path):
+    """The teacher trajectory is one Heun step per pair from sigma_max z down the grid,
+    and each level's RMS is the mean over trajectories of the per-image RMS distance."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from diffusion import pretrained
+    from diffusion.consistency import bridge
+    from diffusion.consistency import losses as cm
+    from diffusion.objectives.consistency import raw_teacher
+    from experiments.flow_vs_diffusion import cd_consistency_error as tool
+
+    teacher = raw_teacher(pretrained.load(tiny_default_run))
+    sigmas = bridge.karras_grid(3, 0.002, 80.0, 7.0)
+    traj = tool.trajectories(teacher, sigmas, num=4, batch=2, seed=0)
+    assert traj.shape == (3, 4) + teacher.image_shape
+    z = jax.random.normal(jax.random.fold_in(jax.random.key(0), 1), (2,) + teacher.image_shape)
+    np.testing.assert_allclose(traj[2, 2:], 80.0 * np.asarray(z), rtol=1e-6)  # 2nd batch
+    den = teacher.objective.denoiser(teacher, teacher.params)
+    d = lambda x, s: bridge.sigma_space_x0(den, x, s)
+    step = jax.jit(lambda x: cm.heun_step(d, x, jnp.full((2,), sigmas[2], jnp.float32),
+                                          jnp.full((2,), sigmas[1], jnp.float32)))
+    np.testing.assert_allclose(traj[1, 2:], np.asarray(step(jnp.asarray(traj[2, 2:]))),
+                               rtol=1e-4, atol=1e-4)
+
+    end = np.zeros((4, 2, 2, 1), np.float32)
+    pred = np.stack([end, end + np.array([1.0, 1.0, 3.0, 3.0])[:, None, None, None]])
+    rows = tool.rms_rows("m", 7, pred, end, np.array([0.002, 80.0]), resamples=200, seed=0)
+    assert [r["rms"] for r in rows] == [0.0, 2.0]
+    assert rows[1]["rms_lo"] <= 2.0 <= rows[1]["rms_hi"] and rows[1]["num"] == 4
+    tool.write_tables(rows, str(tmp_path), "runs/x")
+    md = (tmp_path / "cd_consistency_error.md").read_text()
+    assert "| 1 | 80 | 2.000 [" in md and "| 0 | 0.002 | 0.000 [0.000, 0.000] |" in md
