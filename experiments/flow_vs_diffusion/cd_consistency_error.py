@@ -38,6 +38,7 @@ from diffusion.consistency import bridge
 from diffusion.consistency import losses as cm
 from diffusion.objectives.consistency import raw_teacher
 from diffusion.objectives.consistency_config import section
+from diffusion.train.setup import load_teacher
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COLUMNS = ("model", "step", "n", "sigma", "num", "rms", "rms_lo", "rms_hi")
@@ -140,7 +141,9 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"{FLAGS.workdir} was trained by "
                              f"{student.config.train.objective!r}, not consistency "
                              "distillation")
-    teacher = raw_teacher(pretrained.load(s.teacher_workdir))
+    # The trainer's own teacher loader: its checks and error messages, its image shape.
+    teacher = raw_teacher(load_teacher(student.config, student.image_shape,
+                                       list(student.mesh.devices.flat)).restore())
     sigmas = bridge.karras_grid(int(s.num_scales), float(s.sigma_min), float(s.sigma_max),
                                 float(s.rho))
     traj = trajectories(teacher, sigmas, FLAGS.num, FLAGS.batch_size, FLAGS.seed)
