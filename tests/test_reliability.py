@@ -187,6 +187,46 @@ def nan_run(tmp_path_factory):
     return wd, info.value
 
 
+@pytest.mark.parametrize("where", ["none", "small", "large", "bf16"])
+def test_finite_check_finds_one_bad_value_in_any_leaf(where):
+    """The state check joins small leaves into one vector and reduces large ones alone:
+    a single NaN or inf is found in either kind, in bfloat16 too; integer leaves and
+    typed keys are skipped."""
+    import jax.numpy as jnp
+    big = loop._FINITE_CHECK_JOIN_MAX + 5
+    tree = {"small": np.ones((3, 4), np.float32), "large": np.ones((big,), np.float32),
+            "half": jnp.ones((7,), jnp.bfloat16), "step": np.int32(3),
+            "key": jax.random.key(0)}
+    if where == "small":
+        tree["small"][1, 2] = np.nan
+    elif where == "large":
+        tree["large"][-1] = -np.inf
+    elif where == "bf16":
+        tree["half"] = tree["half"].at[4].set(jnp.inf)
+    assert bool(jax.jit(loop._all_finite)(tree)) == (where == "none")
+    assert bool(jax.jit(lambda t: loop._all_finite(t, lambda s: False))(tree)) == \
+        (where == "none")  # nothing joined: one reduction per leaf
+    assert bool(loop._all_finite({}))
+
+
+def test_finite_check_of_an_fsdp_state_gathers_no_leaf():
+    """Joining leaves FSDP shards would all-gather them: the check joins only what the
+    run keeps replicated, so it compiles without an all-gather on 8 devices."""
+    from diffusion import parallel
+    mesh = parallel.make_mesh()
+    assert mesh.devices.size == 8
+    tree = {"w": np.ones((64, 32), np.float32), "b": np.ones((32,), np.float32)}
+    shard = parallel.fsdp_sharding(tree, mesh)
+    assert shard["w"].spec != parallel.P()  # sharded; b stays replicated
+    placed = jax.device_put(tree, shard)
+    n = mesh.devices.size
+    fsdp_replicated = lambda s: parallel.fsdp_spec(s, n) == parallel.P()  # noqa: E731
+    hlo = jax.jit(lambda t: loop._all_finite(t, fsdp_replicated)).lower(placed).compile()
+    assert "all-gather" not in hlo.as_text()
+    placed["w"] = placed["w"].at[5, 7].set(np.nan)
+    assert not bool(jax.jit(lambda t: loop._all_finite(t, fsdp_replicated))(placed))
+
+
 def test_nan_between_logs_never_reaches_a_checkpoint(nan_run):
     wd, err = nan_run
     msg = str(err)

@@ -87,10 +87,37 @@ def _train_step_fn(run: Run):
                    out_shardings=(run.state_sharding, repl), donate_argnums=0)
 
 
-def _all_finite(tree) -> jax.Array:
+# Leaves up to this many elements are checked together, as one concatenation (a copy of
+# at most their total size); larger leaves get one reduction each.
+_FINITE_CHECK_JOIN_MAX = 1 << 16
+
+
+def _replicated_leaf(run: Run):
+    """shape -> whether the run's state keeps a leaf of that shape whole on each device
+    (always, unless FSDP shards it): only those are joined by _all_finite, since joining
+    a sharded leaf would gather it."""
+    if not run.config.train.fsdp:
+        return lambda shape: True
+    n = run.mesh.devices.size
+    return lambda shape: parallel.fsdp_spec(shape, n) == parallel.P()
+
+
+def _all_finite(tree, replicated=lambda shape: True) -> jax.Array:
+    """Whether every float in `tree` is finite (integer and key leaves are skipped).
+
+    One reduction per leaf costs XLA a kernel each, and the train step checks the whole
+    state (params, both Adam moments, EMA): 512 reductions for the tiny test U-Net, half
+    of its train step's CPU compile time (measured 12.4 s -> 7.0 s). So the small
+    replicated leaves are joined into one vector first."""
     leaves = [x for x in jax.tree.leaves(tree)
               if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+    joined = [jnp.size(x) <= _FINITE_CHECK_JOIN_MAX and replicated(jnp.shape(x))
+              for x in leaves]
+    checks = [jnp.isfinite(x).all() for x, j in zip(leaves, joined) if not j]
+    small = [jnp.ravel(x).astype(jnp.float32) for x, j in zip(leaves, joined) if j]
+    if small:
+        checks.append(jnp.isfinite(jnp.concatenate(small)).all())
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
 def _checked_train_step_fn(run: Run):
@@ -99,10 +126,11 @@ def _checked_train_step_fn(run: Run):
     that was not. Computed on the device every step (one reduction over the state),
     read only with the logs and before each save, so it costs no host sync."""
     step = _step_fn(run)
+    replicated = _replicated_leaf(run)
 
     def checked(state, batch, first_bad):
         new_state, metrics = step(state, batch)
-        finite = _all_finite((metrics.get("loss", 0.0), new_state))
+        finite = _all_finite((metrics.get("loss", 0.0), new_state), replicated)
         first_bad = jnp.where((first_bad == 0) & ~finite,
                               state.step.astype(jnp.int32) + 1, first_bad)
         return new_state, metrics, first_bad
@@ -123,8 +151,8 @@ def sample_fn_for(run: Run, sampler: str, num_steps: int, batch_size: int):
     return decoding_sample_fn(run, fn)
 
 
-def _verify_finite(state) -> None:
-    if not bool(jax.jit(_all_finite)(state)):
+def _verify_finite(state, replicated=lambda shape: True) -> None:
+    if not bool(jax.jit(lambda tree: _all_finite(tree, replicated))(state)):
         raise FloatingPointError("it holds non-finite values")
 
 
@@ -135,7 +163,8 @@ def restore_or_init(run: Run):
     older version of this loop) is moved aside and the previous one is used."""
     if run.checkpointer.latest_step() is not None:
         step, state, extra = run.checkpointer.restore_latest(
-            run.abstract_state, verify=_verify_finite, move_aside=True)
+            run.abstract_state, move_aside=True,
+            verify=lambda state: _verify_finite(state, _replicated_leaf(run)))
         data_step = int(extra.get("data_step", int(state.step)))
         log.info("resumed from checkpoint at step %d", int(state.step))
         return state, data_step
