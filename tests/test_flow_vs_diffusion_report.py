@@ -2,6 +2,9 @@
 results (no sampling: the fid_table tool has its own tests)."""
 import csv
 
+import pytest
+from absl import app
+
 from experiments.flow_vs_diffusion import run as study
 
 HEADER = "sampler,options,nfe,num_samples,fid,fid_lo,fid_hi,is,precision,recall\n"
@@ -36,6 +39,34 @@ def test_results_combine_the_models_and_claim_only_disjoint_differences(tmp_path
     assert any("at 1 NFE" in l and "lower, intervals disjoint" in l for l in lines)
     assert any("at 2 NFE" in l and "no difference claimed" in l and "flow" in l for l in lines)
     assert any("ratio 2.50 (target <= 2: not met)" in l for l in lines)
+
+
+def test_reuse_takes_a_models_earlier_table_and_measures_only_the_others(tmp_path,
+                                                                        monkeypatch):
+    """--reuse: one retrained model is re-measured while the others keep the rows an
+    earlier run wrote (no fid_table process is started for them)."""
+    folder = tmp_path / "tables" / "diffusion"
+    folder.mkdir(parents=True)
+    _table(folder / "results.csv", [("ddim", 50, 10, 9, 11)])
+    started = []
+
+    def fake_run(cmd, check):
+        started.append(cmd)
+        out = next(a.split("=", 1)[1] for a in cmd if a.startswith("--out="))
+        (tmp_path / "tables" / "cd").mkdir(parents=True, exist_ok=True)
+        _table(tmp_path / "tables" / "cd" / "results.csv", [("consistency", 2, 19, 18, 20)])
+        assert out == str(tmp_path / "tables" / "cd")
+    monkeypatch.setattr(study.subprocess, "run", fake_run)
+    rows = study.main(["prog", "--diffusion=runs/d", "--cd=runs/c", "--reuse=diffusion",
+                       f"--out={tmp_path}", "--num_samples=100"])
+    assert len(started) == 1 and any("--workdir=runs/c" == a for a in started[0])
+    assert {(r["model"], r["fid"]) for r in rows} == {("diffusion", 10.0), ("cd", 19.0)}
+    md = (tmp_path / "results.md").read_text()
+    assert "`runs/d`" in md and "ratio 1.90 (target <= 2: met)" in md
+    with pytest.raises(app.UsageError, match="--reuse names \\['flow'\\]"):
+        study.main(["prog", "--cd=runs/c", "--reuse=flow", f"--out={tmp_path}"])
+    with pytest.raises(app.UsageError, match="tables/cd/results.csv does not exist"):
+        study.main(["prog", "--cd=runs/c", "--reuse=cd", f"--out={tmp_path / 'new'}"])
 
 
 def test_cd_consistency_error_walks_the_teacher_ode_and_scores_each_level(

@@ -14,7 +14,10 @@ the test split, 95 % bootstrap intervals over the samples, the same initial nois
 sample index in every row. Then OUT/results.csv (model,sampler,nfe,num_samples,fid,
 fid_lo,fid_hi) and OUT/results.md: one table of FID by NFE, the few-step comparison, and
 the analytic VP-vs-flow table of experiments/sampler_benchmark (exact ground truth).
-A model not given is left out of the tables.
+A model not given is left out of the tables. `--reuse=diffusion,flow` takes those models'
+rows from the OUT/tables/MODEL/results.csv an earlier run wrote (their workdir flags are
+still given, for the table's workdir column), so one retrained model can be re-measured
+alone.
 """
 from __future__ import annotations
 
@@ -50,12 +53,22 @@ for _name, (_what, _, _) in ARMS.items():
 flags.DEFINE_integer("num_samples", 2000, "samples per row", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 500, "images per sampling call", flag_values=FLAGS)
 flags.DEFINE_string("out", HERE, "where results.csv and results.md go", flag_values=FLAGS)
+flags.DEFINE_list("reuse", [], "models whose OUT/tables/MODEL/results.csv is used as it is "
+                  "instead of measuring them again", flag_values=FLAGS)
 
 
-def measure(model: str, workdir: str, out: str, num_samples: int, batch_size: int) -> str:
-    """Runs fid_table for one model; returns its results.csv."""
+def measure(model: str, workdir: str, out: str, num_samples: int, batch_size: int,
+            reuse: bool = False) -> str:
+    """Runs fid_table for one model; returns its results.csv. reuse: return the one an
+    earlier run wrote, without measuring."""
     _, sampler_list, nfe = ARMS[model]
     folder = os.path.join(out, "tables", model)
+    if reuse:
+        path = os.path.join(folder, "results.csv")
+        if not os.path.exists(path):
+            raise app.UsageError(f"--reuse={model}: {path} does not exist; measure {model} "
+                                 "first (leave it out of --reuse)")
+        return path
     cmd = [sys.executable, "-m", "experiments.sampler_benchmark.fid_table",
            f"--workdir={workdir}", f"--samplers={sampler_list}", f"--nfe={nfe}",
            f"--num_samples={num_samples}", "--reference=", f"--batch_size={batch_size}",
@@ -162,7 +175,12 @@ def main(argv: Sequence[str]) -> list[dict]:
     workdirs = {m: getattr(FLAGS, m) for m in ARMS if getattr(FLAGS, m)}
     if not workdirs:
         raise app.UsageError("give at least one of --" + ", --".join(ARMS))
-    tables = {m: measure(m, w, FLAGS.out, FLAGS.num_samples, FLAGS.batch_size)
+    unknown = sorted(set(FLAGS.reuse) - set(workdirs))
+    if unknown:
+        raise app.UsageError(f"--reuse names {unknown}, which have no workdir flag; "
+                             f"given: {sorted(workdirs)}")
+    tables = {m: measure(m, w, FLAGS.out, FLAGS.num_samples, FLAGS.batch_size,
+                         reuse=m in FLAGS.reuse)
               for m, w in workdirs.items()}
     rows = collect(tables)
     write(FLAGS.out, rows, workdirs, FLAGS.num_samples)
