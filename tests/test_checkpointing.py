@@ -318,10 +318,13 @@ def test_one_process_writes_each_array_once_and_reads_replica_parallel_saves(tmp
     old = ocp.type_handlers.ArrayHandler(use_replica_parallel=True)
     try:
         ocp.type_handlers.register_type_handler(jax.Array, old, override=True)
-        ocp.CheckpointManager(str(tmp_path / "old"), item_names=("state", "extra")).save(
-            1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                       extra=ocp.args.JsonSave({"a": 1})))
-        ocp.CheckpointManager(str(tmp_path / "old")).wait_until_finished()
+        # The manager that saves must be the one waited on: its save is asynchronous
+        # (waiting on a second manager raced it, a flaky "no finished checkpoint").
+        mgr = ocp.CheckpointManager(str(tmp_path / "old"), item_names=("state", "extra"))
+        mgr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            extra=ocp.args.JsonSave({"a": 1})))
+        mgr.wait_until_finished()
+        mgr.close()
         ckpt = Checkpointer(str(tmp_path / "new"))
         assert ocp.type_handlers.get_type_handler(jax.Array)._use_replica_parallel is False
         with ckpt:
