@@ -10,9 +10,11 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import zipfile
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -219,8 +221,11 @@ def test_finite_check_of_an_fsdp_state_gathers_no_leaf():
     shard = parallel.fsdp_sharding(tree, mesh)
     assert shard["w"].spec != parallel.P()  # sharded; b stays replicated
     placed = jax.device_put(tree, shard)
-    n = mesh.devices.size
-    fsdp_replicated = lambda s: parallel.fsdp_spec(s, n) == parallel.P()  # noqa: E731
+    # The predicate the train loop builds for an FSDP run (it reads only these fields).
+    run = types.SimpleNamespace(mesh=mesh, config=ml_collections.ConfigDict(
+        {"train": {"fsdp": True}}))
+    fsdp_replicated = loop._replicated_leaf(run)
+    assert fsdp_replicated((32,)) and not fsdp_replicated((64, 32))
     hlo = jax.jit(lambda t: loop._all_finite(t, fsdp_replicated)).lower(placed).compile()
     assert "all-gather" not in hlo.as_text()
     placed["w"] = placed["w"].at[5, 7].set(np.nan)

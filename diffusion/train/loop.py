@@ -123,8 +123,9 @@ def _all_finite(tree, replicated=lambda shape: True) -> jax.Array:
 def _checked_train_step_fn(run: Run):
     """(state, batch, first_bad) -> (state, metrics, first_bad): first_bad is 0 while
     the loss and every float of the state have stayed finite, else the first step
-    that was not. Computed on the device every step (one reduction over the state),
-    read only with the logs and before each save, so it costs no host sync."""
+    that was not. Computed on the device every step (_all_finite: one reduction over the
+    joined small leaves, one per large or FSDP-sharded leaf), read only with the logs and
+    before each save, so it costs no host sync."""
     step = _step_fn(run)
     replicated = _replicated_leaf(run)
 
