@@ -246,9 +246,11 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.image_size = 8
     c.data.global_batch_size = 8
     c.model.unet.ch = 16
-    c.model.unet.ch_mult = (1, 2)
+    # One level (no down/up-sampling; U-Net's own tests cover those): the tiny U-Net's
+    # train step then compiles in ~30 % less CPU time, and most test time is compiling.
+    c.model.unet.ch_mult = (1,)
     c.model.unet.num_res_blocks = 1
-    c.model.unet.attn_resolutions = (4,)
+    c.model.unet.attn_resolutions = (8,)
     c.model.unet.num_heads = 1
     c.model.dit.update(variant="S/2", hidden_size=32, depth=2, num_heads=2)
     c.diffusion.T = 100

@@ -66,7 +66,6 @@ def get_config(arg: str = ""):
     if is_tiny(arg):
         make_tiny(c)
         c.data.source = "fashion_mnist_captions"  # make_tiny's is synthetic (no captions)
-        c.model.unet.attn_resolutions = (4,)
         c.model.text.update(width=16, layers=1, heads=2)
         c.sample.prompt = class_prompts(2)
         c.sample.num_samples = 2
