@@ -20,7 +20,8 @@ TOOLS = ["diffusion.evaluation.fid", "diffusion.evaluation.train_classifier",
          "experiments.cpu_devices.run", "experiments.input_pipeline.run",
          "experiments.sampler_benchmark.run", "experiments.sampler_benchmark.fid_table",
          "experiments.text_to_image.run", "experiments.flow_vs_diffusion.cd_sigmas",
-         "experiments.flow_vs_diffusion.cd_consistency_error"]
+         "experiments.flow_vs_diffusion.cd_consistency_error",
+         "experiments.flow_vs_diffusion.fid_ratio"]
 
 
 def test_parse_starts_every_call_from_the_defaults():

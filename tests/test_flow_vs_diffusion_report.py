@@ -103,3 +103,41 @@ def test_cd_consistency_error_walks_the_teacher_ode_and_scores_each_level(
     tool.write_tables(rows, str(tmp_path), "runs/x")
     md = (tmp_path / "cd_consistency_error.md").read_text()
     assert "| 1 | 80 | 2.000 [" in md and "| 0 | 0.002 | 0.000 [0.000, 0.000] |" in md
+
+
+def test_fid_ratio_interval_carries_both_sample_sets(tmp_path):
+    """fid_ratio: the point ratio is FID_A / FID_B exactly; two draws of one distribution
+    give an interval around 1, a clearly worse A one above 1; the CLI prints it."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from diffusion.evaluation import frechet
+    from experiments.flow_vs_diffusion import fid_ratio
+    rng = np.random.default_rng(0)
+    d = 4
+    mu, cov = np.zeros(d), np.eye(d)
+    same_a, same_b = (rng.normal(0.5, 1.0, (400, d)) for _ in range(2))
+    worse = rng.normal(1.0, 1.0, (400, d))
+    exact = [frechet.frechet_distance(*frechet.stats_from_features(f), mu, cov)
+             for f in (worse, same_b)]
+    ratio, lo, hi = frechet.bootstrap_fid_ratio(worse, same_b, mu, cov, 100)
+    assert ratio == pytest.approx(exact[0] / exact[1], rel=1e-12)
+    assert 1.0 < lo < ratio < hi  # FID ~4 (mean 1 in 4 dims) against ~1 (mean 0.5)
+    _, lo, hi = frechet.bootstrap_fid_ratio(same_a, same_b, mu, cov, 100)
+    assert lo < 1.0 < hi
+    for name, f in (("a", worse), ("b", same_b)):
+        np.savez(tmp_path / f"{name}.npz", features=f)
+    frechet.save_stats(str(tmp_path / "ref.npz"), mu, cov)
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.flow_vs_diffusion.fid_ratio",
+         f"--a={tmp_path / 'a.npz'}", f"--b={tmp_path / 'b.npz'}",
+         f"--reference={tmp_path / 'ref.npz'}", "--bootstrap=50"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"A / B {exact[0] / exact[1]:.3f} [" in out.stdout
+    with pytest.raises(app.UsageError, match="--reference is required"):
+        fid_ratio.main(["fid_ratio", "--a=x", "--b=y"])
