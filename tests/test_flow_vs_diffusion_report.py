@@ -39,6 +39,36 @@ def test_results_combine_the_models_and_claim_only_disjoint_differences(tmp_path
     assert any("at 1 NFE" in l and "lower, intervals disjoint" in l for l in lines)
     assert any("at 2 NFE" in l and "no difference claimed" in l and "flow" in l for l in lines)
     assert any("ratio 2.50 (target <= 2: not met)" in l for l in lines)
+    for interval, verdict in (((1.8, 1.6, 1.98), "met"), ((1.9, 1.7, 2.1), "not decided"),
+                              ((2.5, 2.2, 2.8), "not met")):
+        line = study.few_step_lines(rows, interval)[-1]
+        assert f"ratio {interval[0]:.2f} [{interval[1]:.2f}, {interval[2]:.2f}]" in line
+        assert f"(target <= 2: {verdict}" in line, line
+
+
+def test_cd_ratio_interval_from_the_cached_features(tmp_path):
+    """The ratio line's interval comes from the features fid_table cached for the CD
+    student's 2-step row and the teacher's DDIM-50 row, against the CD run's reference
+    statistics; without them there is none."""
+    import numpy as np
+
+    from diffusion.evaluation import frechet
+    rng = np.random.default_rng(1)
+    run = tmp_path / "cd_run"
+    run.mkdir()
+    assert study.cd_ratio_interval(str(tmp_path), str(run), 300) is None
+    frechet.save_stats(str(run / "ref_stats_classifier_test_8x8.npz"), np.zeros(3), np.eye(3))
+    feats = {"cd": ("consistency_steps2", rng.normal(1.0, 1.0, (300, 3))),
+             "diffusion": ("ddim_steps50", rng.normal(0.5, 1.0, (300, 3)))}
+    for model, (name, f) in feats.items():
+        (tmp_path / "tables" / model / "features").mkdir(parents=True)
+        np.savez(tmp_path / "tables" / model / "features" / f"{name}_n300_seed0.npz",
+                 features=f)
+    ratio, lo, hi = study.cd_ratio_interval(str(tmp_path), str(run), 300)
+    fids = [frechet.frechet_distance(*frechet.stats_from_features(feats[m][1]),
+                                     np.zeros(3), np.eye(3)) for m in ("cd", "diffusion")]
+    assert ratio == pytest.approx(fids[0] / fids[1]) and lo < ratio < hi
+    assert study.cd_ratio_interval(str(tmp_path), str(run), 2000) is None  # other n
 
 
 def test_reuse_takes_a_models_earlier_table_and_measures_only_the_others(tmp_path,

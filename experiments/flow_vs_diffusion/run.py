@@ -22,6 +22,7 @@ alone.
 from __future__ import annotations
 
 import csv
+import glob
 import os
 import subprocess
 import sys
@@ -99,9 +100,26 @@ def _find(rows, model, sampler, nfe):
                  (model, sampler, nfe)), None)
 
 
-def few_step_lines(rows: list[dict]) -> list[str]:
+def cd_ratio_interval(out: str, cd_workdir: str | None, num_samples: int):
+    """(ratio, lo, hi) of the CD student's 2-step FID to the teacher's DDIM-50 FID, a
+    bootstrap over both sample sets (fid_ratio), from the features fid_table cached in
+    OUT/tables/{cd,diffusion}/features and the reference statistics in the CD run's
+    workdir; None where any of them is missing (e.g. tables made on another machine)."""
+    name = "{}_steps{}_n%d_seed0.npz" % num_samples
+    a = os.path.join(out, "tables", "cd", "features", name.format("consistency", 2))
+    b = os.path.join(out, "tables", "diffusion", "features", name.format("ddim", 50))
+    refs = sorted(glob.glob(os.path.join(cd_workdir or "", "ref_stats_*.npz")))
+    if not (cd_workdir and len(refs) == 1 and os.path.exists(a) and os.path.exists(b)):
+        return None
+    from experiments.flow_vs_diffusion.fid_ratio import fid_ratio
+    r = fid_ratio(a, b, refs[0])
+    return r["ratio"], r["ratio_lo"], r["ratio_hi"]
+
+
+def few_step_lines(rows: list[dict], cd_ratio=None) -> list[str]:
     """The few-step comparisons the explainers make, each with its intervals; a
-    difference is claimed only where the intervals are disjoint."""
+    difference is claimed only where the intervals are disjoint. cd_ratio: the
+    (ratio, lo, hi) of cd_ratio_interval, if known."""
     lines = []
 
     def compare(a, b, what):
@@ -129,13 +147,21 @@ def few_step_lines(rows: list[dict]) -> list[str]:
     cd2 = _find(rows, "cd", "consistency", 2)
     if teacher is not None and cd2 is not None:
         ratio = cd2["fid"] / teacher["fid"]
+        if cd_ratio is None:
+            what, met = f"ratio {ratio:.2f}", ratio <= 2
+            verdict = "met" if met else "not met"
+        else:
+            what = (f"ratio {cd_ratio[0]:.2f} [{cd_ratio[1]:.2f}, {cd_ratio[2]:.2f}] "
+                    "(95 % bootstrap over both sample sets)")
+            verdict = ("met" if cd_ratio[2] <= 2 else "not met" if cd_ratio[1] > 2 else
+                       "not decided: the interval contains 2")
         lines.append(f"- consistency distillation at 2 steps vs the teacher's DDIM at 50 NFE: "
-                     f"{_cell(cd2)} vs {_cell(teacher)}, ratio {ratio:.2f} (target <= 2: "
-                     f"{'met' if ratio <= 2 else 'not met'}).")
+                     f"{_cell(cd2)} vs {_cell(teacher)}, {what} (target <= 2: {verdict}).")
     return lines
 
 
-def write(out: str, rows: list[dict], workdirs: dict[str, str], num_samples: int) -> None:
+def write(out: str, rows: list[dict], workdirs: dict[str, str], num_samples: int,
+          cd_ratio=None) -> None:
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, COLUMNS)
         w.writeheader()
@@ -158,7 +184,7 @@ def write(out: str, rows: list[dict], workdirs: dict[str, str], num_samples: int
             cells = [_find(rows, model, sampler, n) for n in nfes]
             lines.append(f"| {model} | {sampler} | " + " | ".join(
                 _cell(c) if c else "" for c in cells) + " |")
-    lines += ["", "## Few steps", ""] + few_step_lines(rows)
+    lines += ["", "## Few steps", ""] + few_step_lines(rows, cd_ratio)
     if os.path.exists(ANALYTIC):
         with open(ANALYTIC) as f:
             analytic = f.read().split("\n", 1)[1]
@@ -183,7 +209,8 @@ def main(argv: Sequence[str]) -> list[dict]:
                          reuse=m in FLAGS.reuse)
               for m, w in workdirs.items()}
     rows = collect(tables)
-    write(FLAGS.out, rows, workdirs, FLAGS.num_samples)
+    write(FLAGS.out, rows, workdirs, FLAGS.num_samples,
+          cd_ratio_interval(FLAGS.out, workdirs.get("cd"), FLAGS.num_samples))
     return rows
 
 
