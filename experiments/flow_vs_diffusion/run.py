@@ -105,9 +105,9 @@ def cd_ratio_interval(out: str, cd_workdir: str | None, num_samples: int):
     bootstrap over both sample sets (fid_ratio), from the features fid_table cached in
     OUT/tables/{cd,diffusion}/features and the reference statistics in the CD run's
     workdir; None where any of them is missing (e.g. tables made on another machine)."""
-    name = "{}_steps{}_n%d_seed0.npz" % num_samples
-    a = os.path.join(out, "tables", "cd", "features", name.format("consistency", 2))
-    b = os.path.join(out, "tables", "diffusion", "features", name.format("ddim", 50))
+    from experiments.sampler_benchmark.fid_table import features_path
+    a = features_path(os.path.join(out, "tables", "cd"), "consistency", 2, num_samples, 0)
+    b = features_path(os.path.join(out, "tables", "diffusion"), "ddim", 50, num_samples, 0)
     refs = sorted(glob.glob(os.path.join(cd_workdir or "", "ref_stats_*.npz")))
     if not (cd_workdir and len(refs) == 1 and os.path.exists(a) and os.path.exists(b)):
         return None
@@ -148,8 +148,7 @@ def few_step_lines(rows: list[dict], cd_ratio=None) -> list[str]:
     if teacher is not None and cd2 is not None:
         ratio = cd2["fid"] / teacher["fid"]
         if cd_ratio is None:
-            what, met = f"ratio {ratio:.2f}", ratio <= 2
-            verdict = "met" if met else "not met"
+            what, verdict = f"ratio {ratio:.2f}", "met" if ratio <= 2 else "not met"
         else:
             what = (f"ratio {cd_ratio[0]:.2f} [{cd_ratio[1]:.2f}, {cd_ratio[2]:.2f}] "
                     "(95 % bootstrap over both sample sets)")

@@ -130,6 +130,12 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._=-" else "_" for c in text)
 
 
+def features_path(out: str, label: str, steps: int, num: int, seed: int) -> str:
+    """Where a row's sample features are cached: OUT/features/LABEL_stepsS_nN_seedK.npz
+    (key `features`; read back by experiments/flow_vs_diffusion)."""
+    return os.path.join(out, "features", f"{_slug(label)}_steps{steps}_n{num}_seed{seed}.npz")
+
+
 def write_outputs(out: str, rows: list[dict], command: str, meta: str) -> None:
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
@@ -203,8 +209,7 @@ def main(argv: Sequence[str]) -> None:
     rows = []
 
     def add(label, spec_name, options, options_text, steps, nfe, target, num):
-        path = os.path.join(args.out, "features",
-                            f"{_slug(label)}_steps{steps}_n{num}_seed{args.seed}.npz")
+        path = features_path(args.out, label, steps, num, args.seed)
         feats, probs, seconds = _cached(path, lambda: bench.features(
             spec_name, bench.options(spec_name, options), steps, num, args.seed))
         row = dict(label=label, sampler=spec_name, options=options_text, steps=steps,
