@@ -36,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("data.global_batch_size", 12, "data.global_batch_size"),  # 8 devices
     ("optim.lr", -1.0, "optim.lr"),
     ("data.image_size", 6, "attn_resolutions"),  # 6 -> level 6: attention at 8 vanishes
+    ("train.fsdp", True, "optim.flatten"),  # runlocal's one optimizer vector
 ])
 def test_bad_config_fails_before_anything_is_built(tmp_path, key, value, match):
     cfg = get_config("runlocal")

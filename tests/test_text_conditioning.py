@@ -52,9 +52,10 @@ def test_caption_dropout_replaces_exactly_the_chosen_rows_with_the_empty_prompt(
     assert drop_labels(key, tokens, 0.0, null) is tokens
 
 
-def test_frozen_subtree_moves_neither_by_gradient_nor_by_weight_decay():
+@pytest.mark.parametrize("flatten", [False, True])
+def test_frozen_subtree_moves_neither_by_gradient_nor_by_weight_decay(flatten):
     optim = get_config().optim
-    optim.weight_decay, optim.warmup_steps = 0.1, 0
+    optim.weight_decay, optim.warmup_steps, optim.flatten = 0.1, 0, flatten
     tx, _ = make_optimizer(optim, 10, frozen=("text",))
     params = {"denoiser": {"w": jnp.ones(3)}, "text": {"w": jnp.ones(3)}}
     grads = {"denoiser": {"w": jnp.ones(3)}, "text": {"w": jnp.ones(3)}}

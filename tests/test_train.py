@@ -22,18 +22,24 @@ from train_steps import train_steps
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _steps(devices, workdir, n=3):
+def _steps(devices, workdir, n=3, flatten=True):
     cfg = get_config("runlocal")
+    cfg.optim.flatten = flatten
     run = build_run(cfg, workdir, devices)
     state = jax.jit(run.init_fn, out_shardings=run.state_sharding)(jax.random.key(0))
+    moments = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]
+    num_params = len(jax.tree.leaves(state.params))
+    assert len(moments) == (2 if flatten else 2 * num_params), len(moments)  # Adam's mu, nu
     losses, state = train_steps(run, state, n)
     return losses, jax.device_get(state.params), jax.device_get(state.ema_params)
 
 
 def test_eight_devices_equal_one(tmp_path):
+    """Also the flat optimizer (optim.flatten, the tiny configs' setting: AdamW, the
+    clip, the EMA on one vector) against the per-array one that full configs use."""
     assert jax.device_count() == 8, "tests/conftest.py should give 8 CPU devices"
-    l1, p1, e1 = _steps(jax.devices()[:1], str(tmp_path / "one"))
-    l8, p8, e8 = _steps(jax.devices(), str(tmp_path / "eight"))
+    l1, p1, e1 = _steps(jax.devices()[:1], str(tmp_path / "one"), flatten=False)
+    l8, p8, e8 = _steps(jax.devices(), str(tmp_path / "eight"), flatten=True)
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p8, p1)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), e8, e1)

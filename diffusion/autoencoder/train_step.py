@@ -23,7 +23,7 @@ from diffusion.autoencoder.losses import (NLayerDiscriminator, vae_discriminator
                                           vae_generator_loss_and_recon)
 from diffusion.autoencoder.metrics import psnr, ssim
 from diffusion.models.vae import AutoencoderKL
-from diffusion.train_state import TrainState, apply_gradients
+from diffusion.train_state import TrainState, apply_gradients, grad_norm
 
 
 def init_discriminator(disc: NLayerDiscriminator, tx: optax.GradientTransformation,
@@ -42,7 +42,8 @@ def make_vae_train_step(vae: AutoencoderKL, disc: NLayerDiscriminator | None,
                         tx: optax.GradientTransformation, lr_fn: optax.Schedule, *,
                         rec_kind: str = "l1", kl_weight: float = 1e-6,
                         disc_weight: float = 0.5, disc_start: int = 50_001,
-                        ema_rate: float = 0.9999, ema_warmup: bool = True) -> Callable:
+                        ema_rate: float = 0.9999, ema_warmup: bool = True,
+                        flat: bool = False) -> Callable:
     """train_step(state, batch) for batch = dict(image [B, H, W, C], ...); labels unused.
 
     tx serves both networks (LDM gives them the same Adam settings); each has its own
@@ -62,7 +63,7 @@ def make_vae_train_step(vae: AutoencoderKL, disc: NLayerDiscriminator | None,
 
         (_, (metrics, x_hat)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         new_state, decay = apply_gradients(state, grads, tx, ema_rate=ema_rate,
-                                           ema_warmup=ema_warmup)
+                                           ema_warmup=ema_warmup, flat=flat)
         aux = state.aux
         if disc is not None:
             new_disc, new_opt, d_metrics = _discriminator_update(
@@ -73,7 +74,7 @@ def make_vae_train_step(vae: AutoencoderKL, disc: NLayerDiscriminator | None,
         metrics.update(
             psnr=jnp.mean(psnr(x, x_img)),
             ssim=jnp.mean(ssim(x, x_img, window_size=ssim_window(x.shape[1:3]))),
-            grad_norm=optax.tree.norm(grads), learning_rate=lr_fn(state.step),
+            grad_norm=grad_norm(grads, flat), learning_rate=lr_fn(state.step),
             ema_decay=decay)
         return new_state.replace(aux=aux), metrics
 

@@ -57,7 +57,7 @@ TeacherFn = Callable[[Any, jnp.ndarray, jnp.ndarray, Optional[jnp.ndarray]], jnp
 def make_consistency_train_step(model, tx: optax.GradientTransformation,
                                 lr_fn: optax.Schedule, *, spec: cm.ConsistencySpec,
                                 precond: Precond, num_classes: int, label_dropout: float,
-                                ema_rate: float, ema_warmup: bool,
+                                ema_rate: float, ema_warmup: bool, flat: bool = False,
                                 teacher_fn: Optional[TeacherFn] = None,
                                 consistency_fn: Optional[Callable] = None) -> Callable:
     """CT when teacher_fn is None, else CD with teacher params in state.aux['teacher'].
@@ -109,12 +109,13 @@ def make_consistency_train_step(model, tx: optax.GradientTransformation,
 
         (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         new_state, decay = apply_gradients(state, grads, tx, ema_rate=ema_rate,
-                                           ema_warmup=ema_warmup)
+                                           ema_warmup=ema_warmup, flat=flat)
         mu = spec.mu_at(num_scales)
         if spec.has_target_net:
-            aux = dict(state.aux, target=ema_update(state.aux["target"], new_state.params, mu))
+            aux = dict(state.aux, target=ema_update(state.aux["target"], new_state.params, mu,
+                                                      flat))
             new_state = new_state.replace(aux=aux)
-        metrics = dict(step_metrics(state, loss, grads, lr_fn, decay),
+        metrics = dict(step_metrics(state, loss, grads, lr_fn, decay, flat),
                        num_scales=num_scales.astype(jnp.float32), target_ema=mu)
         u = (n + 1).astype(jnp.float32) / (num_scales - 1).astype(jnp.float32)
         return new_state, dict(metrics, **loss_buckets(per_example, u))

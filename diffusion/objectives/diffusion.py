@@ -32,7 +32,7 @@ def make_train_step(model, schedule: Schedule, tx: optax.GradientTransformation,
                     min_snr_gamma: float, time_sampling: str, discrete_time: bool,
                     learned_sigma: bool, vlb_weight: float, num_classes: int,
                     label_dropout: float, ema_rate: float, ema_warmup: bool,
-                    null_tokens: Optional[np.ndarray] = None,
+                    flat: bool = False, null_tokens: Optional[np.ndarray] = None,
                     caption_dropout: float = 0.0, caption_key: str = "tokens") -> Callable:
     """Builds train_step(state, batch) for batch = dict(image [B,H,W,C], label [B]),
     plus tokens [B, L] for a text-conditional model (null_tokens [L]: the empty
@@ -60,7 +60,7 @@ def make_train_step(model, schedule: Schedule, tx: optax.GradientTransformation,
             return jnp.mean(per_example), (per_example, t)
 
         return gradient_step(state, loss_fn, tx, lr_fn, ema_rate=ema_rate,
-                             ema_warmup=ema_warmup)
+                             ema_warmup=ema_warmup, flat=flat)
 
     return train_step
 
@@ -78,7 +78,7 @@ def _make_step(run) -> Callable:
         time_sampling=c.diffusion.time_sampling, discrete_time=c.diffusion.discrete_time,
         learned_sigma=c.diffusion.learned_sigma, vlb_weight=c.diffusion.vlb_weight,
         num_classes=run.num_classes, label_dropout=c.conditioning.label_dropout,
-        ema_rate=c.ema.decay, ema_warmup=c.ema.warmup,
+        ema_rate=c.ema.decay, ema_warmup=c.ema.warmup, flat=c.optim.get("flatten", False),
         null_tokens=null, caption_dropout=float(c.conditioning.get("caption_dropout", 0.0)),
         caption_key=caption_key)
 

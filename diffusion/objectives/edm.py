@@ -36,7 +36,8 @@ def flax_net_fn(module, params, *, train: bool = False,
 
 def make_edm_train_step(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule, *,
                         precond: Precond, p_mean: float, p_std: float, num_classes: int,
-                        label_dropout: float, ema_rate: float, ema_warmup: bool) -> Callable:
+                        label_dropout: float, ema_rate: float, ema_warmup: bool,
+                        flat: bool = False) -> Callable:
     """EDM denoiser training; loss buckets are the 4 quartiles of the lognormal sigma."""
 
     def train_step(state: TrainState, batch: dict):
@@ -55,8 +56,8 @@ def make_edm_train_step(model, tx: optax.GradientTransformation, lr_fn: optax.Sc
         (loss, (per_example, sigma)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state.params)
         new_state, decay = apply_gradients(state, grads, tx, ema_rate=ema_rate,
-                                           ema_warmup=ema_warmup)
-        metrics = step_metrics(state, loss, grads, lr_fn, decay)
+                                           ema_warmup=ema_warmup, flat=flat)
+        metrics = step_metrics(state, loss, grads, lr_fn, decay, flat)
         u = norm.cdf((jnp.log(sigma) - p_mean) / p_std)  # equal-probability buckets
         return new_state, dict(metrics, **loss_buckets(per_example, jnp.clip(u, 1e-6, 1.0)))
 
@@ -67,7 +68,8 @@ def common_step_args(run) -> dict:
     """The keyword arguments every sigma-space step takes from the run."""
     c = run.config
     return dict(num_classes=run.num_classes, label_dropout=c.conditioning.label_dropout,
-                ema_rate=c.ema.decay, ema_warmup=c.ema.warmup)
+                ema_rate=c.ema.decay, ema_warmup=c.ema.warmup,
+                flat=c.optim.get("flatten", False))
 
 
 PARAMETERISATIONS = ("edm", "diffusion")

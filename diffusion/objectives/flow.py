@@ -42,7 +42,7 @@ PAIRS_HINT = ("objective 'reflow' trains on (sample, noise) pairs: set data.sour
 def make_flow_train_step(model, path: GaussianPath, tx: optax.GradientTransformation,
                          lr_fn: optax.Schedule, *, loss_kwargs: dict, coupled: bool,
                          num_classes: int, label_dropout: float, ema_rate: float,
-                         ema_warmup: bool) -> Callable:
+                         ema_warmup: bool, flat: bool = False) -> Callable:
     """Builds train_step(state, batch) for batch = dict(image [B, H, W, C], label [B])
     (+ noise [B, H, W, C], the eps coupled to each image, when `coupled`)."""
 
@@ -64,7 +64,7 @@ def make_flow_train_step(model, path: GaussianPath, tx: optax.GradientTransforma
             return jnp.mean(per_example), (per_example, t)
 
         return gradient_step(state, loss_fn, tx, lr_fn, ema_rate=ema_rate,
-                             ema_warmup=ema_warmup)
+                             ema_warmup=ema_warmup, flat=flat)
 
     return train_step
 
@@ -78,7 +78,7 @@ def step_maker(coupled: bool) -> Callable:
             run.model, path_from_config(c), run.tx, run.lr_fn, loss_kwargs=loss_kwargs(c),
             coupled=coupled, num_classes=run.num_classes,
             label_dropout=c.conditioning.label_dropout, ema_rate=c.ema.decay,
-            ema_warmup=c.ema.warmup)
+            ema_warmup=c.ema.warmup, flat=c.optim.get("flatten", False))
     return make
 
 

@@ -63,7 +63,8 @@ def _make_step(run):
     return make_vae_train_step(
         run.model, discriminator(run), run.tx, run.lr_fn, rec_kind=c.vae_loss.rec_kind,
         kl_weight=c.vae_loss.kl_weight, disc_weight=c.vae_loss.disc_weight,
-        disc_start=int(c.vae_loss.disc_start), ema_rate=c.ema.decay, ema_warmup=c.ema.warmup)
+        disc_start=int(c.vae_loss.disc_start), ema_rate=c.ema.decay, ema_warmup=c.ema.warmup,
+        flat=c.optim.get("flatten", False))
 
 
 def _init_aux(run, state):

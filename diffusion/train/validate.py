@@ -57,6 +57,9 @@ def check_config(c: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError(f"optim.lr must be a finite number > 0, got {lr!r}")
     if not 0.0 <= c.ema.decay <= 1.0:
         raise ConfigError(f"ema.decay must be in [0, 1], got {c.ema.decay!r}")
+    if c.optim.get("flatten", False) and c.train.get("fsdp", False):
+        raise ConfigError("optim.flatten=True keeps the optimizer state as one vector, "
+                          "which train.fsdp cannot split by array; set one of them False")
     if c.data.global_batch_size % num_devices:
         raise ConfigError(
             f"data.global_batch_size={c.data.global_batch_size} is not divisible by the "
