@@ -54,3 +54,30 @@ def tiny_default_run(tmp_path_factory, worker_id):
             loop.train_and_evaluate(cfg, str(wd))
             (root / "default_runlocal.done").touch()
     return str(wd)
+
+
+# The test files by their measured time, longest first (--durations=0 on 2 cores,
+# 2026-12-03). `--dist loadfile` hands files to the workers in collection order, and
+# xdist by default orders them by their number of tests: the long single-test files
+# (test_multihost, 30-40 s) came last, and one worker idled while the other ran them.
+# Longest first, the last files handed out are short ones. A file not listed runs after
+# these, in the usual order.
+LONGEST_FILES = (
+    "test_text_conditioning.py", "test_stable_diffusion.py", "test_train.py",
+    "test_multihost.py", "test_analytic.py", "test_consistency.py", "test_reliability.py",
+    "test_vae_train.py", "test_diffusers_parity.py", "test_pretrained.py",
+    "test_flow_matching.py", "test_dit.py", "test_samplers.py", "test_context.py",
+    "test_evaluation.py", "test_flow_samplers.py", "test_inpainting.py", "test_guidance.py",
+    "test_unet.py", "test_vae.py", "test_unet_sd.py", "test_configs.py", "test_fsdp.py",
+    "test_profiling.py", "test_throughput_smoke.py", "test_reflow.py",
+    "test_flow_vs_diffusion_report.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's, on by default
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from configs.default import get_config
+from diffusion.config_file import read_run_config
 from diffusion.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,13 +32,13 @@ def _rows(path):
         return {r["step"]: r for r in map(json.loads, f) if "loss" in r}
 
 
-def test_two_processes_match_one_and_stop_together_on_sigterm(tmp_path):
-    cfg = get_config("runlocal")
-    for key, value in COMMON.items():
-        section, name = key.split(".")
-        cfg[section][name] = value
-    single = loop.train_and_evaluate(cfg, str(tmp_path / "single"))
-    assert single["step"] == 4
+def test_two_processes_match_one_and_stop_together_on_sigterm(tmp_path, tiny_default_run):
+    # The one-process reference: the shared tiny run (tests/conftest.py), which trains
+    # configs/default.py:runlocal with COMMON's settings but for its log_every.
+    cfg = read_run_config(tiny_default_run)
+    assert all(cfg[k.split(".")[0]][k.split(".")[1]] == v
+               for k, v in COMMON.items() if k != "train.log_every")
+    single = _rows(os.path.join(tiny_default_run, "metrics.jsonl"))[4]
 
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
