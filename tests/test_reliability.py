@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -325,7 +326,7 @@ def test_launch_reports_bad_config_in_one_line_with_its_status(tmp_path):
 
 def test_full_disk_stops_the_run_naming_the_path(tmp_path):
     """A real 1 MB tmpfs workdir when mounting is permitted (root, not in every container):
-    the first checkpoint does not fit."""
+    a checkpoint does not fit (with the tiny run's flat optimizer the first one may)."""
     mnt = tmp_path / "tiny"
     mnt.mkdir()
     if os.geteuid() != 0 or os.system(f"mount -t tmpfs -o size=1m tmpfs {mnt} 2>/dev/null"):
@@ -335,9 +336,10 @@ def test_full_disk_stops_the_run_naming_the_path(tmp_path):
         proc = _launch(str(mnt / "run"), "--config.train.num_steps=100000",
                        "--config.train.sample_every=0", "--config.train.checkpoint_every=2")
         assert proc.returncode == 4, proc.stderr[-6000:]
-        # The error line; orbax's background thread may print "Exception ignored ...
-        # Event loop is closed" after it while the interpreter shuts down (1 run in 6).
-        lines = [l for l in proc.stderr.splitlines() if l.startswith("WriteFailed: ")]
+        # The error line. Orbax's background threads may print "Event loop is closed"
+        # tracebacks while the interpreter shuts down (1 run in 6), even in the middle of
+        # that line: it is found wherever it starts.
+        lines = re.findall(r"WriteFailed: .*", proc.stderr)
         assert len(lines) == 1, proc.stderr[-6000:]
         assert lines[0].startswith("WriteFailed: writing") and "No space left" in lines[0]
         assert "MB free" in lines[0]
