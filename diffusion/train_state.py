@@ -56,6 +56,11 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> 
     return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), after], [warmup])
 
 
+def flat_updates(optim: ml_collections.ConfigDict) -> bool:
+    """optim.flatten; False for a run's config.json written before the key existed."""
+    return bool(optim.get("flatten", False))
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int,
                    frozen: tuple[str, ...] = ()):
     """AdamW with warm-up and decay, after global-norm gradient clipping. frozen: names
@@ -73,7 +78,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int,
     parts.append(optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                              weight_decay=optim.weight_decay))
     tx = optax.chain(*parts)
-    if optim.get("flatten", False):
+    if flat_updates(optim):
         tx = optax.flatten(tx)
     if frozen:
         tx = optax.chain(tx, optax.masked(optax.set_to_zero(),

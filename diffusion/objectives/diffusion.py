@@ -24,7 +24,7 @@ from diffusion.models.text_conditional import TextConditional, denoise_fn, negat
 from diffusion.objectives.base import Objective, unchanged
 from diffusion.samplers.options import with_dynamic_thresholding
 from diffusion.schedules import Schedule
-from diffusion.train_state import TrainState, drop_labels, gradient_step
+from diffusion.train_state import TrainState, drop_labels, flat_updates, gradient_step
 
 
 def make_train_step(model, schedule: Schedule, tx: optax.GradientTransformation,
@@ -78,7 +78,7 @@ def _make_step(run) -> Callable:
         time_sampling=c.diffusion.time_sampling, discrete_time=c.diffusion.discrete_time,
         learned_sigma=c.diffusion.learned_sigma, vlb_weight=c.diffusion.vlb_weight,
         num_classes=run.num_classes, label_dropout=c.conditioning.label_dropout,
-        ema_rate=c.ema.decay, ema_warmup=c.ema.warmup, flat=c.optim.get("flatten", False),
+        ema_rate=c.ema.decay, ema_warmup=c.ema.warmup, flat=flat_updates(c.optim),
         null_tokens=null, caption_dropout=float(c.conditioning.get("caption_dropout", 0.0)),
         caption_key=caption_key)
 

@@ -21,8 +21,8 @@ from diffusion.denoiser import Denoiser
 from diffusion.objectives.base import Objective, check_not_learned_sigma, unchanged
 from diffusion.objectives.consistency_config import (precond_from_config, section,
                                                      ve_schedule_from_config)
-from diffusion.train_state import (TrainState, apply_gradients, drop_labels, loss_buckets,
-                                   step_metrics)
+from diffusion.train_state import (TrainState, apply_gradients, drop_labels, flat_updates,
+                                   loss_buckets, step_metrics)
 
 
 def flax_net_fn(module, params, *, train: bool = False,
@@ -69,7 +69,7 @@ def common_step_args(run) -> dict:
     c = run.config
     return dict(num_classes=run.num_classes, label_dropout=c.conditioning.label_dropout,
                 ema_rate=c.ema.decay, ema_warmup=c.ema.warmup,
-                flat=c.optim.get("flatten", False))
+                flat=flat_updates(c.optim))
 
 
 PARAMETERISATIONS = ("edm", "diffusion")

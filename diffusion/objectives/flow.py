@@ -29,8 +29,8 @@ from diffusion.objectives.base import Objective, check_not_learned_sigma, unchan
 from diffusion.objectives.flow_config import loss_kwargs, path_from_config, section
 from diffusion.paths import GaussianPath
 from diffusion.samplers.options import with_dynamic_thresholding
-from diffusion.train_state import (TrainState, drop_labels, gradient_step, restart_from,
-                                   same_shapes)
+from diffusion.train_state import (TrainState, drop_labels, flat_updates, gradient_step,
+                                   restart_from, same_shapes)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def step_maker(coupled: bool) -> Callable:
             run.model, path_from_config(c), run.tx, run.lr_fn, loss_kwargs=loss_kwargs(c),
             coupled=coupled, num_classes=run.num_classes,
             label_dropout=c.conditioning.label_dropout, ema_rate=c.ema.decay,
-            ema_warmup=c.ema.warmup, flat=c.optim.get("flatten", False))
+            ema_warmup=c.ema.warmup, flat=flat_updates(c.optim))
     return make
 
 

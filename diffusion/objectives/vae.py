@@ -23,6 +23,7 @@ from diffusion.autoencoder.losses import NLayerDiscriminator
 from diffusion.autoencoder.train_step import init_discriminator, make_vae_train_step
 from diffusion.models import DTYPES
 from diffusion.objectives.base import Objective, unchanged
+from diffusion.train_state import flat_updates
 
 
 def _check(run) -> None:
@@ -64,7 +65,7 @@ def _make_step(run):
         run.model, discriminator(run), run.tx, run.lr_fn, rec_kind=c.vae_loss.rec_kind,
         kl_weight=c.vae_loss.kl_weight, disc_weight=c.vae_loss.disc_weight,
         disc_start=int(c.vae_loss.disc_start), ema_rate=c.ema.decay, ema_warmup=c.ema.warmup,
-        flat=c.optim.get("flatten", False))
+        flat=flat_updates(c.optim))
 
 
 def _init_aux(run, state):

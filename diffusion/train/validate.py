@@ -14,6 +14,7 @@ import ml_collections
 from diffusion.config_file import ConfigError
 from diffusion.models import attention_implementation
 from diffusion.train.profiling import parse_profile_steps
+from diffusion.train_state import flat_updates
 
 
 # Objectives whose train step feeds a text-conditional model its captions.
@@ -57,7 +58,7 @@ def check_config(c: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError(f"optim.lr must be a finite number > 0, got {lr!r}")
     if not 0.0 <= c.ema.decay <= 1.0:
         raise ConfigError(f"ema.decay must be in [0, 1], got {c.ema.decay!r}")
-    if c.optim.get("flatten", False) and c.train.get("fsdp", False):
+    if flat_updates(c.optim) and c.train.get("fsdp", False):
         raise ConfigError("optim.flatten=True keeps the optimizer state as one vector, "
                           "which train.fsdp cannot split by array; set one of them False")
     if c.data.global_batch_size % num_devices:
