@@ -1,5 +1,7 @@
 """model.attention_impl: the attention backend of the denoisers, checked before anything
 is built or compiled; 'xla' is JAX's default, so both give the same outputs."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,9 +22,10 @@ def test_xla_equals_default(name):
     for impl in ("", "xla"):
         c.model.attention_impl = impl
         model = build_model(c.model, (8, 8, 3), num_classes=0)
-        if not outs:
-            params = model.init(jax.random.key(1), x, t, None, train=False)
-        outs.append(model.apply(params, x, t, None, train=False))
+        if not outs:  # jitted: eagerly, every op compiled a program of its own
+            params = jax.jit(functools.partial(model.init, train=False))(
+                jax.random.key(1), x, t, None)
+        outs.append(jax.jit(functools.partial(model.apply, train=False))(params, x, t, None))
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
 
 

@@ -266,7 +266,8 @@ def _one_step(devices, teacher: bool):
     state = init_state(model, tx, jax.random.key(0), shape, 0)
     if teacher:
         sched = make_schedule("linear", 100)
-        t_params = model.init(jax.random.key(1), jnp.zeros((1,) + shape), jnp.zeros(1))["params"]
+        t_params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1,) + shape),
+                                       jnp.zeros(1))["params"]
         aux["teacher"] = t_params
 
         def teacher_fn(p, x, s, y):

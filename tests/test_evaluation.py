@@ -233,8 +233,8 @@ def test_inception_small_input_grey_and_errors():
 
 def test_classifier_shapes_and_roundtrip(tmp_path):
     model = ev.SmallClassifier()
-    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
-    out = model.apply({"params": params}, jnp.zeros((3, 28, 28, 1)))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    out = jax.jit(model.apply)({"params": params}, jnp.zeros((3, 28, 28, 1)))
     assert out["pool"].shape == (3, 128) and out["logits"].shape == (3, 10)
     path = str(tmp_path / "clf.msgpack")
     ev.save_classifier(path, params)
@@ -257,7 +257,7 @@ def test_shipped_classifier_classifies_fashion_mnist():
 
 def test_evaluate_samples_and_reference_cache(tmp_path):
     model = ev.SmallClassifier()
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     net = ev.FeatureNetwork("classifier", model.apply, variables)
     rng = np.random.default_rng(6)
     real = rng.uniform(-1, 1, (300, 28, 28, 1)).astype(np.float32)

@@ -2,6 +2,7 @@
 checkpoint's, sampling works with several samplers, no dataset is needed, step= picks
 the checkpoint, missing runs fail naming the path, and the quickstart notebook runs."""
 import dataclasses
+import functools
 import json
 import os
 import runpy
@@ -157,9 +158,12 @@ def test_class_conditional_labels_and_guidance(pipe):
     config.conditioning.num_classes = k
     model = build_model(config.model, pipe.image_shape, k, False)
     x, t, y = np.zeros((1, 8, 8, 3), np.float32), np.zeros(1, np.float32), np.zeros(1, np.int32)
-    params = model.init(jax.random.key(1), x, t, y, train=False)["params"]
+    # Jitted (one program) and perturbed on the host: eagerly, each op of the init and
+    # each leaf's add compiled a program of its own (~130 of them).
+    params = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), x, t, y)
     rng = np.random.default_rng(0)  # zero-initialised layers (the label embedding) too
-    params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape, np.float32), params)
+    params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape, np.float32),
+                          jax.device_get(params["params"]))
     cond = dataclasses.replace(pipe, config=config, model=model, params=params, num_classes=k,
                                _fns={})
     default = cond.sample("ddim", steps=STEPS, num=NUM, guidance=2.0)
@@ -190,10 +194,12 @@ def test_latent_run_decodes_with_its_vae(pipe, tmp_path):
     config.model.unet.attn_resolutions = (4,)  # the tiny U-Net's one level is the latents'
     assert pretrained.config_image_shape(config, "run") == (4, 4, 4)
     model = build_model(config.model, (4, 4, 4), 0, False)
-    params = model.init(jax.random.key(1), np.zeros((1, 4, 4, 4), np.float32),
-                        np.zeros(1, np.float32), None, train=False)["params"]
+    params = jax.jit(functools.partial(model.init, train=False))(  # jitted: one program
+        jax.random.key(1), np.zeros((1, 4, 4, 4), np.float32), np.zeros(1, np.float32),
+        None)["params"]
     vae = build_model(vae_config("runlocal").model, (8, 8, 3), 0)  # 8x8x3 <-> 4x4x4
-    vae_params = vae.init(jax.random.key(2), np.zeros((1, 8, 8, 3), np.float32))["params"]
+    vae_params = jax.jit(vae.init)(jax.random.key(2),
+                                   np.zeros((1, 8, 8, 3), np.float32))["params"]
     latent = dataclasses.replace(pipe, config=config, model=model, params=params,
                                  image_shape=(4, 4, 4), _fns={}, _vae=(vae, vae_params))
     x = latent.sample("ddim", steps=STEPS, num=NUM)

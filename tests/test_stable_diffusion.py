@@ -224,8 +224,8 @@ class _StandIn(nn.Module):
 @pytest.fixture(scope="module")
 def stand_in(sd1):
     net = _StandIn(sd1.unet.config)
-    params = net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)),
-                      jnp.zeros((1, 77, 32)))["params"]
+    params = jax.jit(net.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)),
+                               jnp.zeros((1, 77, 32)))["params"]
     return dataclasses.replace(sd1, unet=net, unet_params=params, _cache={})
 
 
