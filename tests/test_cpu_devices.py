@@ -74,3 +74,16 @@ def test_samples_do_not_depend_on_the_device_count(tmp_path):
                                      np.float32(1.0))))
     assert np.abs(samples[0]).mean() > 1e-2
     np.testing.assert_allclose(samples[1], samples[0], rtol=1e-5, atol=1e-5)
+
+
+def test_launched_test_processes_keep_the_other_xla_flags(monkeypatch):
+    """tests/subprocess_env.with_devices: a launched process gets its own device count
+    and keeps conftest's other XLA flags (the fusion-emitter setting halves its compile)."""
+    from subprocess_env import with_devices
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                       "--xla_cpu_use_fusion_emitters=false --xla_foo=1")
+    flags = with_devices(2)["XLA_FLAGS"].split()
+    assert flags == ["--xla_force_host_platform_device_count=2",
+                     "--xla_cpu_use_fusion_emitters=false", "--xla_foo=1"]
+    monkeypatch.delenv("XLA_FLAGS")
+    assert with_devices(1)["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"

@@ -14,6 +14,8 @@ import pytest
 from diffusion.config_file import read_run_config
 from diffusion.train import loop
 
+from subprocess_env import with_devices
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A constant learning rate after warm-up, so that the first steps do not depend on
 # num_steps: the 2-process run is open-ended (stopped by SIGTERM), the reference is not.
@@ -41,7 +43,7 @@ def test_two_processes_match_one_and_stop_together_on_sigterm(tmp_path, tiny_def
     single = _rows(os.path.join(tiny_default_run, "metrics.jsonl"))[4]
 
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = with_devices(2)
     wd = str(tmp_path / "multi")
     procs = [subprocess.Popen(
         [sys.executable, "launch.py", "--config=configs/default.py:runlocal", f"--workdir={wd}",

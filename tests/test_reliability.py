@@ -24,6 +24,8 @@ from diffusion.train import loop
 from diffusion.train.setup import build_run
 from diffusion.config_file import ConfigError
 
+from subprocess_env import with_devices
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -310,7 +312,7 @@ def _launch(workdir, *overrides):
     cmd = [sys.executable, "launch.py", "--config=configs/default.py:runlocal",
            f"--workdir={workdir}", *overrides]
     # One device: compiling for conftest's eight takes minutes on a loaded 2-core box.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = with_devices(1)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
 

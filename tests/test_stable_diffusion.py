@@ -29,6 +29,8 @@ from diffusion.models.unet_sd import UNetSDConfig
 from diffusion.stable_diffusion import load_stable_diffusion, scheduler as sched
 from diffusion.text.learn_bpe import learn_bpe, write_vocabulary
 
+from subprocess_env import with_devices
+
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -339,8 +341,7 @@ def test_launch_sample_mode_writes_the_images(sd1, tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n")
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(with_devices(1), JAX_PLATFORMS="cpu")
     out = subprocess.run(
         [sys.executable, "launch.py", "--config", "configs/sd_text_to_image.py:runlocal",
          "--workdir", str(tmp_path / "run"), "--mode", "sample",
