@@ -364,6 +364,7 @@ def test_launch_sample_mode_writes_the_images(sd1, tmp_path):
     assert np.abs(arr.astype(int) - ref.astype(int)).max() <= 1
     # Training a pretrained pipeline is refused, naming the flag to use: launch.py's
     # main on those flags, in this process (a second launch cost ~5 s).
+    import logging
     from unittest import mock
 
     import launch
@@ -371,11 +372,18 @@ def test_launch_sample_mode_writes_the_images(sd1, tmp_path):
     from absl.testing import flagsaver
     argv = ["launch.py", "--config", "configs/sd_text_to_image.py:runlocal",
             "--workdir", str(tmp_path / "run"), f"--config.pretrained.path={sd1.path}"]
-    # ml_collections reads the --config.* overrides from sys.argv.
-    with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
-        flags.FLAGS(argv)
-        with pytest.raises(app.UsageError, match="run it with --mode sample"):
-            launch.main(["launch.py"])
+    # ml_collections reads the --config.* overrides from sys.argv; main sets two loggers'
+    # levels, put back after it.
+    loggers = [logging.getLogger(), logging.getLogger("diffusion")]
+    levels = [lg.level for lg in loggers]
+    try:
+        with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
+            flags.FLAGS(argv)
+            with pytest.raises(app.UsageError, match="run it with --mode sample"):
+                launch.main(["launch.py"])
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

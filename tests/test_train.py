@@ -142,8 +142,8 @@ def test_sigkill_resumes_then_sigterm_saves_then_sample(tmp_path):
     assert saved > logged, (saved, logged, out)  # a save of its own, not a periodic one
 
     # Sample mode reads that save: launch.py --mode sample's function, called here (a
-    # third launch cost ~8 s; launch.py's sample branch and its overrides are launched
-    # by test_run_config's contradicting-override test).
+    # third launch paid its own start-up, ~5 s of imports; launch.py's sample branch and
+    # its overrides are launched by test_run_config's contradicting-override test).
     cfg = get_config("runlocal")
     cfg.sample.num_samples = 5
     path = sample_from_workdir(cfg, wd, overrides=["sample.num_samples"])
