@@ -3,7 +3,9 @@ count."""
 import os
 import re
 
-_DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\d+\s*")
+from diffusion.cpu_devices import DEVICE_COUNT_FLAG
+
+_DEVICE_COUNT = re.compile(re.escape(DEVICE_COUNT_FLAG) + r"=\d+\s*")
 
 
 def with_devices(n: int) -> dict:
@@ -11,5 +13,4 @@ def with_devices(n: int) -> dict:
     (tests/conftest.py's: without them a launch's train-step compile took 9.7 s instead
     of 3.9 s)."""
     others = _DEVICE_COUNT.sub("", os.environ.get("XLA_FLAGS", "")).strip()
-    return dict(os.environ,
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={n} {others}".strip())
+    return dict(os.environ, XLA_FLAGS=f"{DEVICE_COUNT_FLAG}={n} {others}".strip())

@@ -160,10 +160,11 @@ def test_class_conditional_labels_and_guidance(pipe):
     x, t, y = np.zeros((1, 8, 8, 3), np.float32), np.zeros(1, np.float32), np.zeros(1, np.int32)
     # Jitted (one program) and perturbed on the host: eagerly, each op of the init and
     # each leaf's add compiled a program of its own (~130 of them).
-    params = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), x, t, y)
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init(jax.random.key(1), x, t, y)
     rng = np.random.default_rng(0)  # zero-initialised layers (the label embedding) too
     params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape, np.float32),
-                          jax.device_get(params["params"]))
+                          jax.device_get(variables["params"]))
     cond = dataclasses.replace(pipe, config=config, model=model, params=params, num_classes=k,
                                _fns={})
     default = cond.sample("ddim", steps=STEPS, num=NUM, guidance=2.0)
