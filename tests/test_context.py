@@ -12,6 +12,8 @@ import pytest
 from diffusion.models.dit import DiT, stack_blocks
 from diffusion.models.unet import UNet
 
+from param_noise import perturbed
+
 
 B, L, D = 2, 5, 12
 UNET = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_heads=2)
@@ -26,12 +28,9 @@ def _inputs(seed=0):
     return x, t, ctx
 
 
-def _perturb(params, seed=1, scale=0.1):
-    """Every parameter moved at random: zero-initialised projections become live. In
-    numpy: eager jax.random and jnp would compile a few kernels per parameter shape."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda p: np.asarray(p) + scale * rng.standard_normal(p.shape, np.float32), params)
+def _perturb(params):
+    """Every parameter moved at random: zero-initialised projections become live."""
+    return perturbed(params, 0.1, seed=1)
 
 
 def _xattn_paths(params):

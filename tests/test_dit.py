@@ -10,6 +10,8 @@ from diffusion.models.dit import (DIT_VARIANTS, DiT, dit_variant, patchify, scan
                                   stack_blocks, unpatchify, unstack_blocks)
 from diffusion.models.flops import dit_forward_macs, forward_flops
 
+from param_noise import perturbed
+
 # DiT paper (Peebles & Xie 2023), 256x256 images = 32x32x4 latents, learn_sigma, 1000
 # classes. Params in millions (same for every patch size), forward "Gflops" =
 # 1e9 multiply-adds.
@@ -89,13 +91,6 @@ def tiny():
     return model, variables, apply, x, t, y
 
 
-def perturb(variables, seed, scale=0.3):
-    # numpy noise: eager jax.random would compile one kernel per parameter shape
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda a: np.asarray(a) + scale * rng.standard_normal(a.shape, np.float32), variables)
-
-
 def test_fresh_model_outputs_zeros_with_2c_channels(tiny):
     model, variables, apply, x, t, y = tiny
     out = apply(variables, x, t, y)
@@ -108,7 +103,7 @@ def test_fresh_model_outputs_zeros_with_2c_channels(tiny):
 
 def test_conditioning_changes_output_once_perturbed(tiny):
     model, variables, apply, x, t, y = tiny
-    v = perturb(variables, 2)
+    v = perturbed(variables, 0.3, seed=2)
     out = apply(v, x, t, y)
     assert np.abs(np.asarray(out)).mean() > 1e-3
     out_t = apply(v, x, t + 50.0, y)
@@ -122,7 +117,7 @@ def test_conditioning_changes_output_once_perturbed(tiny):
 
 def test_negative_label_and_none_mean_null(tiny):
     model, variables, apply, x, t, y = tiny
-    v = perturb(variables, 3)
+    v = perturbed(variables, 0.3, seed=3)
     null = apply(v, x, t, np.array([5, 5], np.int32))
     np.testing.assert_allclose(apply(v, x, t, np.array([-1, -7], np.int32)), null, atol=1e-6)
     np.testing.assert_allclose(apply(v, x, t, None), null, atol=1e-6)
@@ -131,7 +126,7 @@ def test_negative_label_and_none_mean_null(tiny):
 
 def test_remat_and_bf16_agree(tiny):
     model, variables, apply, x, t, y = tiny
-    v = perturb(variables, 4)
+    v = perturbed(variables, 0.3, seed=4)
     ref = apply(v, x, t, y)
     remat = DiT(**TINY, learn_sigma=True, remat=True)
     np.testing.assert_allclose(jax.jit(remat.apply)(v, x, t, y), ref, rtol=1e-5, atol=1e-5)
@@ -193,7 +188,7 @@ def test_errors_before_compile():
 
 def test_scanned_blocks_equal_unrolled(tiny):
     model, variables, apply, x, t, y = tiny
-    v = perturb(variables, 5)
+    v = perturbed(variables, 0.3, seed=5)
     stacked = {"params": stack_blocks(v["params"])}
     scanned = DiT(**TINY, learn_sigma=True, scan_blocks=True)
     # the layout scanned init makes: block params stacked on a leading [depth] axis

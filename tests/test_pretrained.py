@@ -21,6 +21,8 @@ from diffusion.config_file import read_run_config
 from diffusion.models import build_model
 from diffusion.train.setup import build_run
 
+from param_noise import perturbed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
 NUM, STEPS = 16, 2  # the quickstart's batch: its compiled samplers are shared
@@ -162,9 +164,8 @@ def test_class_conditional_labels_and_guidance(pipe):
     # each leaf's add compiled a program of its own (~130 of them).
     init = jax.jit(functools.partial(model.init, train=False))
     variables = init(jax.random.key(1), x, t, y)
-    rng = np.random.default_rng(0)  # zero-initialised layers (the label embedding) too
-    params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape, np.float32),
-                          jax.device_get(variables["params"]))
+    # zero-initialised layers (the label embedding) too
+    params = perturbed(jax.device_get(variables["params"]), 0.05, seed=0)
     cond = dataclasses.replace(pipe, config=config, model=model, params=params, num_classes=k,
                                _fns={})
     default = cond.sample("ddim", steps=STEPS, num=NUM, guidance=2.0)

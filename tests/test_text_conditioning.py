@@ -29,6 +29,8 @@ from diffusion.train_state import drop_labels, make_optimizer
 from experiments.text_to_image import prompts as study_prompts
 from experiments.text_to_image import run as study
 
+from param_noise import perturbed
+
 
 PROMPTS = ["a photo of a sneaker", "a photo of a bag"]
 
@@ -268,11 +270,7 @@ def test_negative_prompt_is_the_unconditional_branch_and_w1_ignores_it(trained):
     pipe = diffusion.load(trained)
     # After 4 steps the zero-initialised cross-attention outputs are still ~0: perturb
     # every parameter so that the prompts matter to the network.
-    # (numpy noise: eager jax.random would compile a few kernels per parameter shape)
-    rng = np.random.default_rng(0)
-    noisy = jax.tree.map(
-        lambda p: np.asarray(p) + 0.1 * rng.standard_normal(p.shape, np.float32), pipe.params)
-    pipe = dataclasses.replace(pipe, params=noisy, _fns={})
+    pipe = dataclasses.replace(pipe, params=perturbed(pipe.params, 0.1, seed=0), _fns={})
     plain = _sample(pipe)
     negative = _sample(pipe, negative_prompt="a photo of a sneaker")
     assert np.abs(plain - negative).max() > 1e-3
